@@ -1,0 +1,196 @@
+"""A PID controller that raises dropout as the model starts to overfit. Plain Python + numpy/scipy: no torch."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.signal import lfilter
+
+from .base import Controller, Rate, TrainingStats, register
+from .schedules import require_rate
+
+SIGNALS = ("gap", "val_slope")
+
+
+@register
+class PIDController(Controller):
+    """Sets the dropout rate from the error between a measured overfitting signal and a setpoint.
+
+    Each control step that brings a new evaluation (``stats.eval_iter`` advanced) runs one PID update;
+    other steps return the previous output. Time is measured in fractions of the run at the
+    evaluation, ``t = eval_iter / max_iters``, so the gains mean the same thing for any run length.
+
+    - error ``e = measurement - setpoint``: the rate rises while the measurement is above the setpoint.
+    - ``P = kp * e``.
+    - ``I``: sum of ``ki * e * dt`` (``dt`` = progress since the previous evaluation, 0 at the first).
+      Anti-windup by conditional integration (clamping): an increment that pushes the output towards a
+      limit is applied only up to the point where the output reaches that limit, and not at all while
+      the output is already saturated that way; increments back into range always apply. On top of
+      that, the I term is clamped so that ``bias + I`` stays within ``[min_rate, max_rate]``. So however
+      long the saturation, the output leaves it as soon as the error changes sign.
+    - ``D = kd * filtered(d measurement / dt)``: derivative of the measurement, not of the error, so a
+      change of setpoint gives no kick. A first-order low-pass filter
+      ``y[n] = d_filter * x[n] + (1 - d_filter) * y[n - 1]`` (``scipy.signal.lfilter``, its state kept
+      between calls) smooths the noisy finite difference. The derivative is 0 at the first evaluation.
+    - output ``clamp(bias + P + I + D, min_rate, max_rate)``.
+
+    Defaults: ``signal="gap"``, ``setpoint=0``, ``bias=0``, ``kp=1``, ``ki=1``, ``kd=0``. With setpoint 0
+    the rate is 0 while train and validation losses agree (underfitting, where dropout only slows
+    learning) and grows with the gap: 1 unit of rate per nat from P, plus the gap integrated over the
+    run from I (``ki=1``: integral time of one whole run, so with a linearly growing gap I ends at half
+    of P: it trims a persistent error without dominating). On a run whose gap grows linearly to 0.08 nats this
+    gives about 0.04 + 0.01 at mid-run and 0.08 + 0.04 = 0.12 at the end (open loop); a run whose gap
+    reaches 0.4 nats reaches the 0.5 cap. Because the gap rarely goes below 0, I mostly ratchets up;
+    a positive setpoint (the gap you accept, e.g. from train/val distribution shift) lets the rate fall
+    again. ``kd=0`` because the finite difference of evaluation losses is noisy; ``internals()`` still
+    logs the filtered derivative so a ``kd`` can be chosen from a run.
+
+    :param signal: ``"gap"``: ``eval_val_loss - eval_train_loss`` (nats); ``"val_slope"``: change of
+        ``eval_val_loss`` per unit of progress since the previous evaluation (nats per run; 0 at the
+        first evaluation), negative while validation improves and positive once it worsens.
+    :param setpoint: target value of the signal (nats, or nats per run for ``val_slope``).
+    :param kp: proportional gain (rate per unit of error).
+    :param ki: integral gain: an error of 1 held for a whole run adds ``ki`` to the rate.
+    :param kd: derivative gain: ``D = kd * d(measurement)/d(progress)``, so a measurement that rises by 1
+        over a whole run adds ``kd`` to the rate.
+    :param bias: output when P, I and D are all 0, and the rate before the first evaluation; in
+        ``[min_rate, max_rate]``.
+    :param min_rate: lowest output, in [0, 1).
+    :param max_rate: highest output, in ``[min_rate, 1)``.
+    :param d_filter: weight of the newest finite difference in the derivative's low-pass filter, in (0, 1];
+        1 means no filtering.
+    """
+
+    name = "pid"
+
+    def __init__(
+        self,
+        signal: str = "gap",
+        setpoint: float = 0.0,
+        kp: float = 1.0,
+        ki: float = 1.0,
+        kd: float = 0.0,
+        bias: float = 0.0,
+        min_rate: float = 0.0,
+        max_rate: float = 0.5,
+        d_filter: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if signal not in SIGNALS:
+            raise ValueError(f"signal={signal!r} is not one of: {', '.join(SIGNALS)}")
+        for key, value in dict(setpoint=setpoint, kp=kp, ki=ki, kd=kd).items():
+            if not math.isfinite(value):
+                raise ValueError(f"{key}={value} must be a finite number")
+        require_rate("min_rate", min_rate)
+        require_rate("max_rate", max_rate)
+        if min_rate > max_rate:
+            raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}")
+        if not (min_rate <= bias <= max_rate):
+            raise ValueError(f"bias={bias} is outside [min_rate, max_rate] = [{min_rate}, {max_rate}]")
+        if not (0.0 < d_filter <= 1.0):
+            raise ValueError(f"d_filter={d_filter} must be in (0, 1]")
+        self.signal, self.setpoint = signal, setpoint
+        self.kp, self.ki, self.kd, self.bias = kp, ki, kd, bias
+        self.min_rate, self.max_rate, self.d_filter = min_rate, max_rate, d_filter
+        self._reset()
+
+    def _clamp(self, x: float) -> float:
+        return min(max(x, self.min_rate), self.max_rate)
+
+    def _reset(self) -> None:
+        self.last_eval_iter = -1
+        self.prev_t: float | None = None  # progress at the previous evaluation
+        self.prev_val: float | None = None  # eval_val_loss at the previous evaluation (for val_slope)
+        self.prev_measurement: float | None = None
+        self.i_term = 0.0
+        self.d_state = [0.0]  # lfilter's zi: (1 - d_filter) * previous filtered derivative
+        self.derivative = 0.0  # filtered d(measurement)/d(progress)
+        self.p_term = self.d_term = self.error = self.measurement = 0.0
+        self.output = self.bias
+
+    def _measure(self, stats: TrainingStats, t: float) -> float:
+        if self.signal == "gap":
+            return float(stats.gap)
+        if self.prev_val is None or self.prev_t is None or t <= self.prev_t:
+            return 0.0
+        return (float(stats.eval_val_loss) - self.prev_val) / (t - self.prev_t)
+
+    def _update(self, stats: TrainingStats) -> Rate:
+        if stats.eval_iter <= self.last_eval_iter:
+            return self.output
+        self.last_eval_iter = stats.eval_iter
+        t = stats.eval_iter / max(stats.max_iters, 1)
+        measurement = self._measure(stats, t)
+        if not math.isfinite(measurement):
+            return self.output  # e.g. a diverged run: hold the rate rather than poison the state
+        dt = 0.0 if self.prev_t is None else t - self.prev_t
+
+        error = measurement - self.setpoint
+        p = self.kp * error
+
+        raw_derivative = 0.0
+        if self.prev_measurement is not None and dt > 0.0:
+            raw_derivative = (measurement - self.prev_measurement) / dt
+        a = self.d_filter
+        y, zf = lfilter([a], [1.0, a - 1.0], np.array([raw_derivative]), zi=np.array(self.d_state))
+        self.derivative = float(y[0])
+        self.d_state = [float(zf[0])]
+        d = self.kd * self.derivative
+
+        # Conditional integration: integrate outwards only up to the point where the output reaches its
+        # limit; once saturated, an increment that pushes further the same way is dropped.
+        increment = self.ki * error * dt
+        rest = self.bias + p + d
+        if increment > 0.0:
+            self.i_term = min(self.i_term + increment, max(self.i_term, self.max_rate - rest))
+        elif increment < 0.0:
+            self.i_term = max(self.i_term + increment, min(self.i_term, self.min_rate - rest))
+        # Keep bias + I within the limits, so the I term alone never holds the output in saturation.
+        self.i_term = min(max(self.i_term, self.min_rate - self.bias), self.max_rate - self.bias)
+
+        self.output = self._clamp(self.bias + p + self.i_term + d)
+        self.p_term, self.d_term, self.error, self.measurement = p, d, error, measurement
+        self.prev_t, self.prev_measurement, self.prev_val = t, measurement, float(stats.eval_val_loss)
+        return self.output
+
+    def internals(self) -> dict[str, float]:
+        return {
+            "p": self.p_term,
+            "i": self.i_term,
+            "d": self.d_term,
+            "derivative": self.derivative,
+            "error": self.error,
+            "measurement": self.measurement,
+            "output": self.output,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_eval_iter": int(self.last_eval_iter),
+            "prev_t": self.prev_t,
+            "prev_val": self.prev_val,
+            "prev_measurement": self.prev_measurement,
+            "i_term": float(self.i_term),
+            "d_state": [float(z) for z in self.d_state],
+            "derivative": float(self.derivative),
+            "p_term": float(self.p_term),
+            "d_term": float(self.d_term),
+            "error": float(self.error),
+            "measurement": float(self.measurement),
+            "output": float(self.output),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def opt(x: Any) -> float | None:
+            return None if x is None else float(x)
+
+        self.last_eval_iter = int(state["last_eval_iter"])
+        self.prev_t, self.prev_val = opt(state["prev_t"]), opt(state["prev_val"])
+        self.prev_measurement = opt(state["prev_measurement"])
+        self.i_term = float(state["i_term"])
+        self.d_state = [float(z) for z in state["d_state"]]
+        self.derivative = float(state["derivative"])
+        self.p_term, self.d_term = float(state["p_term"]), float(state["d_term"])
+        self.error, self.measurement = float(state["error"]), float(state["measurement"])
+        self.output = float(state["output"])

@@ -1,0 +1,124 @@
+"""Run configuration: one dataclass, three presets, and the command line generated from it.
+
+Every field carries its help text, so ``python -m runs.train --help`` documents the config and the
+config documents the command line (CleanRL's ``Args`` pattern, without a dependency).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from controllers import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = _f("cpu", "named starting point: paper (GPU), cpu (minutes on 2 cores), tiny (tests, RL)")
+    # model
+    n_layer: int = _f(4, "transformer layers")
+    n_head: int = _f(4, "attention heads per layer")
+    n_embd: int = _f(128, "embedding width")
+    block_size: int = _f(64, "context length in characters")
+    bias: bool = _f(False, "biases in Linear and LayerNorm layers")
+    # optimisation (nanoGPT's recipe)
+    batch_size: int = _f(12, "sequences per optimizer step")
+    max_iters: int = _f(2000, "optimizer steps in the run")
+    learning_rate: float = _f(1e-3, "peak learning rate after warmup")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = _f(100, "linear warmup steps")
+    lr_decay_iters: int = _f(0, "cosine decay length in steps; 0 = max_iters")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.99, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    # evaluation, control, logging
+    eval_interval: int = _f(100, "evaluate every this many steps (and at the first and last step)")
+    eval_iters: int = _f(20, "batches per split in one evaluation (a fixed set per seed)")
+    control_interval: int = _f(0, "ask the controller for a new rate every this many steps; 0 = at every evaluation")
+    log_interval: int = _f(10, "steps between training-loss logs (each one host sync)")
+    gen_tokens: int = _f(256, "characters sampled after training to measure inference speed; 0 = skip")
+    # system
+    seed: int = _f(1337, "seeds model init, data order, evaluation batches and dropout masks")
+    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
+    dtype: str = _f("auto", "autocast dtype: bfloat16, float16, float32, or auto (bf16 on CUDA, fp32 on CPU)")
+    compile: bool | None = _f(None, "torch.compile the model; default: on for CUDA, off for CPU")
+    data: str | None = _f(None, "tinyshakespeare input.txt or a folder holding shakespeare_char/input.txt")
+    out: str = _f("", "the run's folder; default out/<preset>-<controller>-s<seed>")
+    checkpoint: bool = _f(True, "write last/best checkpoints at every evaluation")
+    progress: bool = _f(True, "show a progress bar")
+    # tracking
+    wandb: str = _f("auto", "online, offline, disabled, or auto (online if logged in, else offline)")
+    wandb_project: str = _f("dynamic-dropout", "wandb project")
+    wandb_group: str = _f("", "wandb group; default <preset>")
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_iters == 0:
+            self.lr_decay_iters = self.max_iters
+        if self.control_interval == 0:
+            self.control_interval = self.eval_interval
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                     "eval_iters", "control_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_iters < 0:
+            raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.wandb not in ("auto", "online", "offline", "disabled"):
+            raise UserError(f"--wandb must be online, offline, disabled or auto, not {self.wandb!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise UserError(f"--dtype must be bfloat16, float16, float32 or auto, not {self.dtype!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT config/train_shakespeare_char.py: the paper's setting, a GPU preset.
+    "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000,
+                  learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, eval_interval=250,
+                  eval_iters=200, log_interval=10),
+    # nanoGPT's documented CPU recipe (README, "I only have a macbook"), evaluated every 100 steps so
+    # a controller gets 20 decisions.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, eval_interval=100,
+                eval_iters=20, log_interval=10),
+    # Small enough for tests and RL episodes (~10 ms per step on 2 cores).
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=16, max_iters=300,
+                 learning_rate=2e-3, min_lr=2e-4, warmup_iters=20, beta2=0.99, eval_interval=25,
+                 eval_iters=8, log_interval=5, gen_tokens=64),
+}
+
+
+def make_config(preset: str, **overrides: Any) -> TrainConfig:
+    """The preset's config with ``overrides`` (``None`` values mean "keep the preset's")."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise UserError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(preset=preset, **values)
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("preset",)) -> None:
+    """Add one ``--option`` per ``TrainConfig`` field, defaulting to ``None`` (= the preset's value)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if "bool" in kind:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=f.metadata["help"])
+
+
+def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "preset"]
+    return make_config(preset, **{n: getattr(args, n) for n in names if hasattr(args, n)})

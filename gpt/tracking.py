@@ -1,0 +1,107 @@
+"""Where a run's numbers go: ``metrics.jsonl`` in the run folder, and wandb.
+
+Metric keys are namespaced (``train/``, ``val/``, ``dropout/``, ``controller/``, ``perf/``) and every
+record carries ``iter``, which wandb uses as the x-axis. wandb is imported only when enabled, so a
+machine without an account (or without wandb) still trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from controllers import UserError
+
+
+def wandb_mode(requested: str) -> str:
+    """Resolve ``auto``: online when an API key is configured, offline otherwise."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLogger:
+    """Appends records to ``<out>/metrics.jsonl`` and mirrors them to wandb.
+
+    :param out_dir: the run's folder (created if missing).
+    :param mode: wandb mode: online, offline, disabled or auto.
+    :param resume_iter: when resuming, records after this iteration are dropped from metrics.jsonl
+        (they were written by the interrupted run after its last checkpoint).
+    """
+
+    def __init__(self, out_dir: str | Path, mode: str = "auto", project: str = "dynamic-dropout",
+                 group: str = "", name: str = "", config: dict[str, Any] | None = None,
+                 resume_iter: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        if resume_iter is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iter"] <= resume_iter]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self.mode = wandb_mode(mode)
+        self.run = None
+        if self.mode != "disabled":
+            self.run = self._init_wandb(project, group, name, config or {}, resume_iter is not None)
+
+    def _init_wandb(self, project: str, group: str, name: str, config: dict[str, Any], resume: bool):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb is not installed: pip install wandb, or pass --wandb disabled") from None
+        id_file = self.out_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        run = wandb.init(project=project, group=group or None, name=name or None, config=config,
+                         dir=str(self.out_dir), mode=self.mode, id=run_id, resume="allow",
+                         settings=wandb.Settings(silent=True))
+        run.define_metric("iter")
+        for prefix in ("train", "val", "dropout", "controller", "perf"):
+            run.define_metric(f"{prefix}/*", step_metric="iter")
+        return run
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record; it must contain ``iter``."""
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if v is not None})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` atomically, copy it into the wandb summary, close everything."""
+        tmp = self.out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
+        os.replace(tmp, self.out_dir / "summary.json")
+        self.close(summary)
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.run is not None:
+            if summary:
+                self.run.summary.update({k: _clean(v) for k, v in summary.items()})
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,401 @@
+"""The training loop: nanoGPT's recipe, with a controller choosing the dropout rate as it goes.
+
+Read ``Trainer.train`` top to bottom: evaluate -> control -> checkpoint -> train an interval, until
+``max_iters``. The pieces (``evaluate``, ``stats``, ``set_dropout``, ``advance``) are public so the RL
+environment can drive the same loop one control interval at a time.
+
+Speed rules: batches are sampled on the device, losses and gradient norms accumulate on the device
+and are read once per log interval, the dropout rate lives in a buffer (no recompiles).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from controllers import Controller, TrainingStats, UserError
+
+from .config import TrainConfig
+from .data import BatchSampler, CharData, fixed_eval_batches
+from .model import GPT, GPTConfig
+from .tracking import RunLogger
+
+EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
+CHECKPOINT_VERSION = 1
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or auto") from None
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside ``path``, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by ``Trainer.save_checkpoint``; UserError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or start a new run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} is not a dynamic-dropout checkpoint (version {CHECKPOINT_VERSION})")
+    return ckpt
+
+
+class Trainer:
+    """Trains one GPT under one controller.
+
+    :param cfg: the run's settings.
+    :param controller: chooses the dropout rate at every control step.
+    :param data: the dataset on ``cfg``'s device; loaded from ``cfg.data`` if omitted (share it across
+        trainers to avoid re-reading).
+    :param logger: where records go; None = nowhere (RL episodes).
+    :param meta: plain values stored in every checkpoint (the command line uses it for the controller spec).
+    """
+
+    def __init__(self, cfg: TrainConfig, controller: Controller, data: CharData | None = None,
+                 logger: RunLogger | None = None, meta: dict[str, Any] | None = None) -> None:
+        self.cfg, self.controller, self.logger = cfg, controller, logger
+        self.meta = meta or {}  # saved in checkpoints as is (e.g. the controller spec to rebuild it)
+        self.device = resolve_device(cfg.device)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.dtype = getattr(torch, dtype)
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 else nullcontext())
+        self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
+
+        seed_everything(cfg.seed)
+        mcfg = GPTConfig(block_size=cfg.block_size, vocab_size=self.data.vocab_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
+        self.model = GPT(mcfg).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.fwd = torch.compile(self.model) if self.use_compile else self.model
+
+        self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+        # Evaluation batches come from their own seed stream, so they never depend on training.
+        self.eval_batches = {
+            split: fixed_eval_batches(getattr(self.data, split), cfg.block_size, cfg.batch_size,
+                                      cfg.eval_iters, seed=cfg.seed + 10_000 + i)
+            for i, split in enumerate(("train", "val"))}
+
+        self.iteration = 0
+        self.history: dict[str, Any] = dict(best_val_loss=math.inf, best_val_iter=0, eval_train_loss=math.nan,
+                                            eval_val_loss=math.nan, eval_iter=0, train_loss_smoothed=math.nan,
+                                            grad_norm=math.nan, tokens_per_s=math.nan, train_time_s=0.0,
+                                            eval_time_s=0.0, tokens=0, last_train_loss=math.nan)
+        self._acc = torch.zeros(3, device=self.device)  # sum of loss, sum of grad norm, steps since last log
+        self._ema = torch.zeros((), device=self.device)  # debiased on read
+        self._ema_steps = 0
+        self._graphs_at_start = compiled_graphs()
+        self._graphs_after_warmup: int | None = None
+        self._warm: set[str] = set()
+        self._resumed = False
+        controller.reset(cfg.n_layer)
+        self.set_dropout(0.0)
+
+    # -- the pieces ---------------------------------------------------------------------------
+    def lr_at(self, it: int) -> float:
+        """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT)."""
+        c = self.cfg
+        if it < c.warmup_iters:
+            return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+        if it > c.lr_decay_iters:
+            return c.min_lr
+        ratio = (it - c.warmup_iters) / max(c.lr_decay_iters - c.warmup_iters, 1)
+        return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+    def set_dropout(self, rate: float | tuple[float, ...]) -> tuple[float, ...]:
+        return self.model.set_dropout(rate)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed evaluation batches of each split, dropout off. One host sync."""
+        t0 = time.perf_counter()
+        self.model.eval()
+        means = []
+        for split in ("train", "val"):
+            xs, ys = self.eval_batches[split]
+            total = torch.zeros((), device=self.device)
+            for x, y in zip(xs, ys):
+                with self.autocast:
+                    total += self.fwd(x, y)[1]
+            means.append(total / len(xs))
+        self.model.train()
+        self._note_warmup("eval")
+        train_loss, val_loss = torch.stack(means).tolist()
+        h = self.history
+        h["eval_time_s"] += time.perf_counter() - t0
+        h.update(eval_train_loss=train_loss, eval_val_loss=val_loss, eval_iter=self.iteration)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise Diverged(f"evaluation loss is {val_loss} at iteration {self.iteration}")
+        improved = val_loss < h["best_val_loss"]
+        if improved:
+            h.update(best_val_loss=val_loss, best_val_iter=self.iteration)
+        return {"train_loss": train_loss, "val_loss": val_loss, "improved": improved}
+
+    def stats(self) -> TrainingStats:
+        """The controller's view of the run right now."""
+        h = self.history
+        return TrainingStats(
+            iteration=self.iteration, max_iters=self.cfg.max_iters, lr=self.lr_at(self.iteration),
+            train_loss_smoothed=h["train_loss_smoothed"], eval_train_loss=h["eval_train_loss"],
+            eval_val_loss=h["eval_val_loss"], best_val_loss=h["best_val_loss"],
+            best_val_iter=h["best_val_iter"], rates=self.model.rates, grad_norm=h["grad_norm"],
+            tokens_per_s=h["tokens_per_s"], eval_iter=h["eval_iter"])
+
+    def _train_step(self) -> None:
+        lr = self.lr_at(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.sampler.next()
+        with self.autocast:
+            _, loss = self.fwd(x, y)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach().float()
+        self._acc += torch.stack((loss, grad_norm.float(), torch.ones_like(loss)))
+        self._ema.mul_(EMA_BETA).add_(loss, alpha=1 - EMA_BETA)
+        self._ema_steps += 1
+        self.iteration += 1
+
+    def _read_log(self) -> dict[str, float] | None:
+        """Read (one host sync) and reset the on-device accumulators; None if no step since."""
+        loss_sum, gn_sum, n, ema = torch.cat((self._acc, self._ema[None])).tolist()
+        if n == 0:
+            return None
+        self._acc.zero_()
+        h = self.history
+        h["train_loss_smoothed"] = ema / (1 - EMA_BETA ** self._ema_steps)
+        h["last_train_loss"] = loss_sum / n
+        h["grad_norm"] = gn_sum / n
+        if not math.isfinite(loss_sum):
+            raise Diverged(f"training loss is {loss_sum / n} at iteration {self.iteration}")
+        return {"iter": self.iteration, "train/loss": loss_sum / n, "train/loss_smoothed": h["train_loss_smoothed"],
+                "train/grad_norm": gn_sum / n, "train/lr": self.lr_at(self.iteration - 1)}
+
+    def advance(self, n_iters: int, bar: Any = None) -> None:
+        """Train ``n_iters`` steps at the current rate, logging every ``log_interval`` steps."""
+        cfg = self.cfg
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(n_iters):
+            self._train_step()
+            self._note_warmup("train")
+            if self.iteration % cfg.log_interval == 0:
+                record = self._read_log()
+                if record and self.logger:
+                    self.logger.log(record)
+                if record and bar is not None:
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", val=f"{self.history['eval_val_loss']:.3f}",
+                                    p=f"{self.model.rates[0]:.3f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+        if n_iters:
+            self._read_log()
+            self._sync()
+            dt = time.perf_counter() - t0
+            tokens = n_iters * cfg.batch_size * cfg.block_size
+            h = self.history
+            h.update(train_time_s=h["train_time_s"] + dt, tokens=h["tokens"] + tokens, tokens_per_s=tokens / dt)
+
+    def control(self) -> tuple[float, ...]:
+        """Ask the controller for the next rate, apply it, log the rates and the controller's internals."""
+        rates = self.set_dropout(self.controller.update(self.stats()))
+        if self.logger:
+            record: dict[str, Any] = {"iter": self.iteration, "dropout/rate": sum(rates) / len(rates)}
+            if len(set(rates)) > 1:
+                record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
+            record.update({f"controller/{k}": v for k, v in self.controller.internals().items()})
+            self.logger.log(record)
+        return rates
+
+    def _note_warmup(self, kind: str) -> None:
+        if self._graphs_after_warmup is None:
+            self._warm.add(kind)
+            if self._warm == {"train", "eval"}:
+                self._graphs_after_warmup = compiled_graphs()
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled after warm-up (the first evaluation and the first training step)."""
+        if self._graphs_after_warmup is None:
+            return 0
+        return compiled_graphs() - self._graphs_after_warmup
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run to ``max_iters``; returns the summary. Raises ``Diverged`` after saving nothing new."""
+        cfg = self.cfg
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.max_iters, initial=self.iteration, desc=f"{cfg.preset}/{self.controller.name}",
+                       unit="it", dynamic_ncols=True)
+        t_start = time.perf_counter() - self.history.get("wall_time_s", 0.0)
+        try:
+            while True:
+                it = self.iteration
+                if self._resumed:  # this step's evaluation and control happened before the checkpoint
+                    self._resumed = False
+                else:
+                    is_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
+                    if is_eval:
+                        result = self.evaluate()
+                        if self.logger:
+                            self.logger.log({"iter": it, "train/eval_loss": result["train_loss"],
+                                             "val/loss": result["val_loss"], "val/gap": result["val_loss"] - result["train_loss"],
+                                             "val/best_loss": self.history["best_val_loss"],
+                                             "perf/tokens_per_s": self.history["tokens_per_s"]})
+                    if it < cfg.max_iters and it % cfg.control_interval == 0:
+                        self.control()
+                    self.history["wall_time_s"] = time.perf_counter() - t_start
+                    if is_eval and cfg.checkpoint:
+                        self.save_checkpoint("last")
+                        if result["improved"]:
+                            self.save_checkpoint("best")
+                if it >= cfg.max_iters:
+                    break
+                next_stop = min(cfg.max_iters, (it // cfg.eval_interval + 1) * cfg.eval_interval,
+                                (it // cfg.control_interval + 1) * cfg.control_interval)
+                self.advance(next_stop - it, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.history["wall_time_s"] = time.perf_counter() - t_start
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        h, cfg = self.history, self.cfg
+        inference = self.measure_inference() if cfg.gen_tokens else math.nan
+        return {
+            "best_val_loss": h["best_val_loss"], "best_val_iter": h["best_val_iter"],
+            "final_train_loss": h["eval_train_loss"], "final_val_loss": h["eval_val_loss"],
+            "final_train_loss_smoothed": h["train_loss_smoothed"],
+            "total_train_time_s": h["wall_time_s"], "train_loop_time_s": h["train_time_s"],
+            "eval_time_s": h["eval_time_s"],
+            "train_tokens_per_s": h["tokens"] / h["train_time_s"] if h["train_time_s"] else math.nan,
+            "inference_tokens_per_s": inference, "recompiles": self.recompiles, "iterations": self.iteration,
+            "controller": self.controller.name, "controller_params": self.controller.params(),
+            "preset": cfg.preset, "seed": cfg.seed, "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "compile": self.use_compile, "torch": torch.__version__, "final_rates": list(self.model.rates),
+        }
+
+    @torch.no_grad()
+    def measure_inference(self) -> float:
+        """Characters per second when sampling ``gen_tokens`` with the KV cache (batch 1, eager model)."""
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        with self.autocast:
+            self.model.generate(idx, 8, generator=gen)  # warm-up
+            self._sync()
+            t0 = time.perf_counter()
+            out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
+            self._sync()
+        dt = time.perf_counter() - t0
+        self.model.train()
+        self.sample = self.data.decode(out[0].tolist())
+        return self.cfg.gen_tokens / dt
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: tensors and plain Python only (weights_only loads)."""
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            "version": CHECKPOINT_VERSION, "iteration": self.iteration, "config": asdict(self.cfg),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
+            "rates": list(self.model.rates), "controller": self.controller.state_dict(),
+            "controller_name": self.controller.name, "history": dict(self.history), "meta": self.meta,
+            "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
+                    "python_version": random.getstate()[0], "numpy": np.random.get_state()[1].tolist(),
+                    "numpy_pos": int(np.random.get_state()[2])},
+        }
+
+    def save_checkpoint(self, tag: str) -> Path:
+        path = Path(self.cfg.out) / f"ckpt_{tag}.pt"
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        if ckpt["controller_name"] != self.controller.name:
+            raise UserError(f"the checkpoint was trained with controller {ckpt['controller_name']!r}, "
+                            f"not {self.controller.name!r}; pass --controller {ckpt['controller_name']}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError("the checkpoint's model does not match this preset/config; resume with the same settings") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.controller.load_state_dict(ckpt["controller"])
+        self.set_dropout(tuple(ckpt["rates"]))
+        self.iteration = ckpt["iteration"]
+        self.history = dict(ckpt["history"])
+        self._acc = ckpt["acc"].to(self.device)
+        self._ema = ckpt["ema"].to(self.device)
+        self._ema_steps = ckpt["ema_steps"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        random.setstate((rng["python_version"], tuple(rng["python"]), None))
+        np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"], 0, 0.0))
+        self._resumed = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

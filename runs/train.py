@@ -1,0 +1,117 @@
+"""Train a GPT on shakespeare_char while a controller sets the dropout rate.
+
+    python -m runs.train --controller pid                  # cpu preset on CPU, paper preset on a GPU
+    python -m runs.train --controller constant:rate=0.2 --preset paper
+    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.zip
+    python -m runs.train --resume --out out/cpu-pid-s1337  # continue an interrupted run
+
+Settings: ``--help`` lists every one (each overrides the preset). Writes ``metrics.jsonl``,
+``summary.json``, ``ckpt_last.pt``/``ckpt_best.pt`` and ``sample.txt`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from controllers import UserError, make_controller
+from gpt import Diverged, Trainer, load_checkpoint
+from gpt.config import TrainConfig, add_config_args, config_from_args
+from gpt.tracking import RunLogger
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runs.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--controller", default="pid",
+                   help="controller name, optionally with parameters: name:key=value,key=value "
+                        "(constant, linear, exponential, val_loss, early, late, curriculum, pid, ppo)")
+    p.add_argument("--policy", default=None, help="trained policy (.zip) for --controller ppo")
+    p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_config_args(p)
+    return p.parse_args(argv)
+
+
+def build_controller(spec: str, policy: str | None):
+    if policy is not None:
+        if not spec.startswith("ppo"):
+            raise UserError("--policy is only used with --controller ppo")
+        return make_controller(spec, policy=policy)
+    return make_controller(spec)
+
+
+def run_name(cfg: TrainConfig, spec: str) -> str:
+    return f"{cfg.preset}-{spec.replace(':', '_').replace(',', '_').replace('=', '')}-s{cfg.seed}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = args.preset if args.preset != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
+    cfg = config_from_args(args, preset)
+    ckpt = None
+    if args.resume:
+        out = Path(cfg.out or f"out/{run_name(cfg, args.controller)}")
+        ckpt = load_checkpoint(out / "ckpt_last.pt")
+        saved = ckpt["config"]
+        saved.update(out=str(out), progress=cfg.progress, wandb=cfg.wandb)
+        cfg = TrainConfig(**saved)
+        spec, policy = ckpt["meta"]["controller"], ckpt["meta"].get("policy")
+        print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
+    else:
+        spec, policy = args.controller, args.policy
+        cfg.out = cfg.out or f"out/{run_name(cfg, spec)}"
+        if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()) and not args.overwrite:
+            raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or --out to choose another folder")
+    controller = build_controller(spec, policy)
+    trainer = Trainer(cfg, controller, meta={"controller": spec, "policy": policy})  # loads data: may raise
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+    elif Path(cfg.out).exists():
+        shutil.rmtree(cfg.out)
+    config = {**vars(cfg), "controller": controller.name, "controller_spec": spec,
+              **{f"controller.{k}": v for k, v in controller.params().items()}}
+    trainer.logger = RunLogger(cfg.out, mode=cfg.wandb, project=cfg.wandb_project,
+                               group=cfg.wandb_group or cfg.preset, name=run_name(cfg, spec), config=config,
+                               resume_iter=trainer.iteration if ckpt is not None else None)
+    n_params = trainer.model.num_params()
+    print(f"{cfg.preset} preset, {n_params / 1e6:.2f}M parameters, {trainer.device}, compile={trainer.use_compile}, "
+          f"controller {controller!r}, out {cfg.out}, wandb {trainer.logger.mode}")
+    try:
+        summary = trainer.train()
+    except Diverged as e:
+        trainer.logger.close()
+        last = Path(cfg.out) / "ckpt_last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+        print(f"stopped: {e}; {kept}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        trainer.logger.close()
+        print(f"\ninterrupted at iteration {trainer.iteration}; continue with: "
+              f"python -m runs.train --resume --out {cfg.out}", file=sys.stderr)
+        return 130
+    (Path(cfg.out) / "sample.txt").write_text(getattr(trainer, "sample", ""))
+    trainer.logger.finish(summary)
+    keys = ("best_val_loss", "best_val_iter", "final_train_loss", "final_val_loss", "total_train_time_s",
+            "train_tokens_per_s", "inference_tokens_per_s", "recompiles")
+    print(json.dumps({k: summary[k] for k in keys}, indent=None))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

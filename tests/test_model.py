@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from controllers import UserError
+from gpt import GPT, GPTConfig
+
+
+def small(n_layer: int = 3) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=n_layer, n_head=2, n_embd=16))
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 11, (4, 16), generator=g), torch.randint(0, 11, (4, 16), generator=g)
+
+
+def test_rate_zero_is_exact_noop_and_draws_no_random_numbers():
+    model, (x, y) = small(), batch()
+    model.train()
+    model.set_dropout(0.0)
+    state = torch.get_rng_state()
+    a = model(x, y)[1]
+    assert torch.equal(torch.get_rng_state(), state), "rate 0 drew random numbers"
+    b = model(x, y)[1]
+    model.eval()
+    c = model(x, y)[1]
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_positive_rate_drops_in_training_only():
+    model, (x, y) = small(), batch()
+    model.set_dropout(0.3)
+    model.train()
+    assert not torch.equal(model(x, y)[1], model(x, y)[1])
+    model.eval()
+    assert torch.equal(model(x, y)[1], model(x, y)[1])
+
+
+def test_dropout_keeps_expected_activation_scale():
+    from gpt.model import RateDropout
+    d = RateDropout().train()
+    d.active = True
+    x = torch.ones(200_000)
+    out = d(x, torch.tensor(0.4))
+    assert abs((out == 0).float().mean().item() - 0.4) < 0.01
+    assert abs(out.mean().item() - 1.0) < 0.02
+
+
+def test_per_layer_rates_go_to_their_layers():
+    model, (x, y) = small(3), batch()
+    rates = model.set_dropout([0.0, 0.2, 0.0])
+    assert rates == (0.0, 0.2, 0.0)
+    assert torch.allclose(model.dropout_rates, torch.tensor([0.0, 0.2, 0.0]))
+    assert not model.drop.active and not model.h[0].mlp.dropout.active
+    assert model.h[1].mlp.dropout.active and model.h[1].attn.attn_dropout.active
+    assert not model.h[2].attn.resid_dropout.active
+    model.train()
+    assert not torch.equal(model(x, y)[1], model(x, y)[1])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), [0.1, 0.2]])
+def test_bad_rates_are_rejected(bad):
+    with pytest.raises(UserError):
+        small(3).set_dropout(bad)
+
+
+def test_kv_cache_generates_the_same_tokens():
+    model = small().eval()
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    a = model.generate(idx, 15, generator=torch.Generator().manual_seed(3), use_kv_cache=True)
+    b = model.generate(idx, 15, generator=torch.Generator().manual_seed(3), use_kv_cache=False)
+    assert torch.equal(a, b)
+    # past the block size the cache is rebuilt from the last block_size-1 tokens: still valid tokens
+    c = model.generate(idx, 40, generator=torch.Generator().manual_seed(3), use_kv_cache=True)
+    assert c.shape == (2, 41) and int(c.max()) < 11
+
+
+def test_rate_change_does_not_recompile():
+    """Changing a non-zero rate only rewrites a buffer: the compiled graph is reused."""
+    from gpt.trainer import compiled_graphs
+    torch._dynamo.reset()
+    model, (x, y) = small(2), batch()
+    model.train()
+    fwd = torch.compile(model, backend="aot_eager")
+    model.set_dropout(0.1)
+    fwd(x, y)
+    graphs = compiled_graphs()
+    for p in (0.2, 0.05, 0.4, [0.1, 0.3]):
+        model.set_dropout(p)
+        fwd(x, y)
+    assert compiled_graphs() == graphs
