@@ -2,11 +2,9 @@
 
 Importing this package registers every controller, so ``make_controller("pid:kp=0.5")`` works.
 """
-from . import pid, schedules  # noqa: F401  (imported to register their controllers)
+from . import features, pid, ppo, schedules  # noqa: F401  (imported to register their controllers)
 from .base import CONTROLLERS, Controller, Rate, TrainingStats, check_rate, make_controller, register
 from .errors import UserError
-
-# from . import features, ppo  # added by the RL work (learned controllers)
 
 __all__ = [
     "CONTROLLERS",

@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = _f("auto", "autocast dtype: bfloat16, float16, float32, or auto (bf16 on CUDA, fp32 on CPU)")
     compile: bool | None = _f(None, "torch.compile the model; default: on for CUDA, off for CPU")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune")
     data: str | None = _f(None, "tinyshakespeare input.txt or a folder holding shakespeare_char/input.txt")
     out: str = _f("", "the run's folder; default out/<preset>-<controller>-s<seed>")
     checkpoint: bool = _f(True, "write last/best checkpoints at every evaluation")

@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class RunLogger:
         except ImportError:
             raise UserError("wandb is not installed: pip install wandb, or pass --wandb disabled") from None
         id_file = self.out_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         run = wandb.init(project=project, group=group or None, name=name or None, config=config,
                          dir=str(self.out_dir), mode=self.mode, id=run_id, resume="allow",

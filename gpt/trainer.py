@@ -110,7 +110,7 @@ class Trainer:
             lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.fwd = torch.compile(self.model) if self.use_compile else self.model
+        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if self.use_compile else self.model
 
         self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
         # Evaluation batches come from their own seed stream, so they never depend on training.
@@ -294,7 +294,8 @@ class Trainer:
                             self.logger.log({"iter": it, "train/eval_loss": result["train_loss"],
                                              "val/loss": result["val_loss"], "val/gap": result["val_loss"] - result["train_loss"],
                                              "val/best_loss": self.history["best_val_loss"],
-                                             "perf/tokens_per_s": self.history["tokens_per_s"]})
+                                             "perf/tokens_per_s": self.history["tokens_per_s"],
+                                             "perf/wall_time_s": time.perf_counter() - t_start})
                     if it < cfg.max_iters and it % cfg.control_interval == 0:
                         self.control()
                     self.history["wall_time_s"] = time.perf_counter() - t_start
@@ -332,12 +333,14 @@ class Trainer:
 
     @torch.no_grad()
     def measure_inference(self) -> float:
-        """Characters per second when sampling ``gen_tokens`` with the KV cache (batch 1, eager model)."""
+        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1, eager model), after a warm-up."""
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         with self.autocast:
-            self.model.generate(idx, 8, generator=gen)  # warm-up
+            # Warm-up over the same length: the first call at each new shape pays one-off costs
+            # (kernel selection, allocator growth) that are not the model's speed.
+            self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
             self._sync()
             t0 = time.perf_counter()
             out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from controllers import UserError, make_controller
-from gpt import Diverged, Trainer, load_checkpoint
+from controllers import UserError
+from gpt import Diverged, load_checkpoint
 from gpt.config import TrainConfig, add_config_args, config_from_args
-from gpt.tracking import RunLogger
+from gpt.experiment import make_trainer, run_name, train_and_save
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,18 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     add_config_args(p)
     return p.parse_args(argv)
-
-
-def build_controller(spec: str, policy: str | None):
-    if policy is not None:
-        if not spec.startswith("ppo"):
-            raise UserError("--policy is only used with --controller ppo")
-        return make_controller(spec, policy=policy)
-    return make_controller(spec)
-
-
-def run_name(cfg: TrainConfig, spec: str) -> str:
-    return f"{cfg.preset}-{spec.replace(':', '_').replace(',', '_').replace('=', '')}-s{cfg.seed}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,35 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()) and not args.overwrite:
             raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or --out to choose another folder")
-    controller = build_controller(spec, policy)
-    trainer = Trainer(cfg, controller, meta={"controller": spec, "policy": policy})  # loads data: may raise
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-    elif Path(cfg.out).exists():
-        shutil.rmtree(cfg.out)
-    config = {**vars(cfg), "controller": controller.name, "controller_spec": spec,
-              **{f"controller.{k}": v for k, v in controller.params().items()}}
-    trainer.logger = RunLogger(cfg.out, mode=cfg.wandb, project=cfg.wandb_project,
-                               group=cfg.wandb_group or cfg.preset, name=run_name(cfg, spec), config=config,
-                               resume_iter=trainer.iteration if ckpt is not None else None)
-    n_params = trainer.model.num_params()
-    print(f"{cfg.preset} preset, {n_params / 1e6:.2f}M parameters, {trainer.device}, compile={trainer.use_compile}, "
-          f"controller {controller!r}, out {cfg.out}, wandb {trainer.logger.mode}")
+    if policy is not None and not spec.startswith("ppo"):
+        raise UserError("--policy is only used with --controller ppo")
+    trainer = make_trainer(cfg, spec, policy, ckpt=ckpt)  # loads data: may raise
+    print(f"{cfg.preset} preset, {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.device}, "
+          f"compile={trainer.use_compile}, controller {trainer.controller!r}, out {cfg.out}, wandb {trainer.logger.mode}")
     try:
-        summary = trainer.train()
+        summary = train_and_save(trainer)
     except Diverged as e:
-        trainer.logger.close()
         last = Path(cfg.out) / "ckpt_last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
         print(f"stopped: {e}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        trainer.logger.close()
         print(f"\ninterrupted at iteration {trainer.iteration}; continue with: "
               f"python -m runs.train --resume --out {cfg.out}", file=sys.stderr)
         return 130
-    (Path(cfg.out) / "sample.txt").write_text(getattr(trainer, "sample", ""))
-    trainer.logger.finish(summary)
     keys = ("best_val_loss", "best_val_iter", "final_train_loss", "final_val_loss", "total_train_time_s",
             "train_tokens_per_s", "inference_tokens_per_s", "recompiles")
     print(json.dumps({k: summary[k] for k in keys}, indent=None))

@@ -1,0 +1,198 @@
+"""``DynamicDropout-v0``: one episode is one short GPT training run; the agent sets its dropout rate.
+
+Each step applies the action as the rate, trains one control interval, evaluates, and observes the
+run through :class:`controllers.features.Featurizer`, the same featurizer the ``ppo`` controller uses
+in deployment. See :class:`DropoutEnv` for the observation, action, reward and instances.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from controllers import UserError
+from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates, check_bounds
+from controllers.schedules import ConstantDropout
+from gpt import CharData, Diverged, Trainer, make_config
+from gpt.config import TrainConfig
+from gpt.trainer import resolve_device
+
+REWARDS = ("best_val", "val", "final")
+TRAIN_SEEDS = tuple(range(1000, 1064))  # 64 training instances
+EVAL_SEEDS = tuple(range(9000, 9008))  # 8 held-out instances, never drawn in training
+
+_DATA: dict[str, CharData] = {}
+
+
+def shared_data(path: str | None = None, device: str = "cpu") -> CharData:
+    """The dataset on ``device``, read once per process (every env and trainer in it shares it)."""
+    key = str(path or "") if device == "cpu" else f"{path or ''}@{device}"
+    if key not in _DATA:
+        _DATA[key] = CharData.load(path, device=device)
+    return _DATA[key]
+
+
+def episode_config(preset: str = "tiny", max_iters: int = 160, interval: int = 16, seed: int = 0,
+                   **overrides: Any) -> TrainConfig:
+    """The training config of one episode: evaluate and control every ``interval`` steps, no side effects.
+
+    Also what ``runs.eval_policy`` gives every controller, so the comparison matches the episodes.
+    """
+    return make_config(preset, max_iters=max_iters, eval_interval=interval, control_interval=interval,
+                       seed=seed, checkpoint=False, progress=False, gen_tokens=0, wandb="disabled",
+                       **{"device": "cpu", **overrides})
+
+
+class DropoutEnv(gym.Env):
+    """Set the dropout rate of a short GPT training run, one control interval at a time.
+
+    **Episode**: a ``preset`` run of ``max_iters`` optimizer steps whose training seed is an instance
+    (below). ``reset`` builds the model and evaluates it; each ``step`` trains ``interval`` steps at the
+    chosen rate and evaluates, so an episode has ``ceil(max_iters / interval)`` steps. No checkpoints,
+    logging or progress bars inside an episode.
+
+    **Observation**: :data:`controllers.features.FEATURES` (float32, one box per feature): progress, log
+    eval losses, relative gap, slopes of log val/train per unit of progress, current rate, fraction of
+    the run since the best val, log(val / best val), log(smoothed train loss / eval train loss).
+
+    **Action**: ``Box(-1, 1, (1,))``, or ``(n_layer,)`` with ``per_layer``: mapped linearly onto
+    ``[p_min, p_max]`` (clipped first) by :func:`controllers.features.action_to_rates`.
+
+    **Reward** (``reward``), in units of ``reward_scale`` x nats of log loss:
+
+    - ``best_val`` (default): ``log(best_{t-1}) - log(best_t)`` each step, the lowering of the best val
+      loss so far (>= 0; sums to ``log(best_0 / best_T)``), plus at the last step a terminal term
+      ``terminal_weight * log(best_0 / best_T)``, the whole episode's improvement, which credits the
+      outcome to late states too.
+    - ``val``: ``log(val_{t-1}) - log(val_t)``, the change of the current val loss (may be negative).
+    - ``final``: sparse, only at the last step: ``log(best_0 / best_T)``.
+
+    Divergence (NaN/inf loss, :class:`gpt.Diverged`) ends the episode with ``-divergence_penalty``.
+
+    **Instances**: training seeds :data:`TRAIN_SEEDS`, held-out seeds :data:`EVAL_SEEDS` (disjoint).
+    ``reset(seed=s)`` seeds the env's generator, which draws the instance from the split's seeds;
+    ``reset(options={"instance": k})`` runs seed ``k`` directly, ``options={"split": "eval"}`` draws from the
+    held-out seeds. The same instance and actions give the same observations and rewards.
+
+    :param preset: the :mod:`gpt.config` preset of the trained model.
+    :param max_iters: optimizer steps per episode.
+    :param interval: optimizer steps per env step (evaluation and control interval).
+    :param p_min: rate for action -1, in [0, 1).
+    :param p_max: rate for action +1, in [p_min, 1).
+    :param per_layer: one action (rate) per transformer layer instead of one for all.
+    :param reward: one of :data:`REWARDS`.
+    :param reward_scale: multiplies every reward (log-loss changes are ~0.01).
+    :param terminal_weight: weight of the ``best_val`` terminal term.
+    :param divergence_penalty: reward (negated, before scaling) when training diverges.
+    :param split: ``"train"`` or ``"eval"``: which seeds ``reset`` draws from by default.
+    :param train_seeds: training instances; default :data:`TRAIN_SEEDS`.
+    :param eval_seeds: held-out instances; default :data:`EVAL_SEEDS`; must be disjoint from train_seeds.
+    :param torch_threads: ``torch.set_num_threads`` for this process; 1 because on a shared 2-core machine
+        more threads oversubscribe (measured 550 ms/step with 2 threads vs 10 ms with 1); None = leave it.
+    :param data: the dataset path (default: ``$DYNDROP_DATA_DIR``/the cache), read once per process.
+    :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, preset: str = "tiny", max_iters: int = 160, interval: int = 16, p_min: float = 0.0,
+                 p_max: float = 0.5, per_layer: bool = False, reward: str = "best_val", reward_scale: float = 10.0,
+                 terminal_weight: float = 1.0, divergence_penalty: float = 1.0, split: str = "train",
+                 train_seeds: tuple[int, ...] = TRAIN_SEEDS, eval_seeds: tuple[int, ...] = EVAL_SEEDS,
+                 torch_threads: int | None = 1, data: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        try:
+            check_bounds(p_min, p_max)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if reward not in REWARDS:
+            raise UserError(f"unknown reward {reward!r}; choose one of: {', '.join(REWARDS)}")
+        if split not in ("train", "eval"):
+            raise UserError(f"split must be 'train' or 'eval', not {split!r}")
+        if not train_seeds or not eval_seeds:
+            raise UserError("train_seeds and eval_seeds must both be non-empty")
+        if set(train_seeds) & set(eval_seeds):
+            raise UserError(f"training and held-out seeds overlap: {sorted(set(train_seeds) & set(eval_seeds))}")
+        if interval < 1 or max_iters < interval:
+            raise UserError(f"need 1 <= interval <= max_iters, got interval={interval}, max_iters={max_iters}")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.preset, self.max_iters, self.interval = preset, max_iters, interval
+        self.p_min, self.p_max, self.per_layer = p_min, p_max, per_layer
+        self.reward_kind, self.reward_scale = reward, reward_scale
+        self.terminal_weight, self.divergence_penalty = terminal_weight, divergence_penalty
+        self.split, self.train_seeds, self.eval_seeds = split, tuple(train_seeds), tuple(eval_seeds)
+        self.config_overrides = dict(config or {})
+        self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
+        self.data = shared_data(data, str(resolve_device(self.base_config.device)))
+        self.featurizer = Featurizer()
+        n_actions = self.base_config.n_layer if per_layer else 1
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (n_actions,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(Featurizer.low, Featurizer.high, dtype=np.float32)
+        self.trainer: Trainer | None = None
+        self.instance = -1
+
+    def metadata_dict(self) -> dict[str, Any]:
+        """What a saved policy must record to be deployed with the same features and action mapping."""
+        return {"feature_version": FEATURE_VERSION, "p_min": self.p_min, "p_max": self.p_max,
+                "per_layer": self.per_layer, "n_layer": self.base_config.n_layer, "preset": self.preset,
+                "max_iters": self.max_iters, "interval": self.interval, "reward": self.reward_kind,
+                "reward_scale": self.reward_scale, "terminal_weight": self.terminal_weight,
+                "config": self.config_overrides, "train_seeds": list(self.train_seeds),
+                "eval_seeds": list(self.eval_seeds)}
+
+    # -- gymnasium API --------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "instance" in options:
+            self.instance = int(options["instance"])
+        else:
+            seeds = self.eval_seeds if options.get("split", self.split) == "eval" else self.train_seeds
+            self.instance = int(seeds[int(self.np_random.integers(len(seeds)))])
+        cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
+                             **self.config_overrides)
+        # The trainer's controller is never asked: the env sets the rate itself.
+        self.trainer = Trainer(cfg, ConstantDropout(0.0), data=self.data)
+        self.trainer.evaluate()
+        self.featurizer.reset()
+        h = self.trainer.history
+        self.best0 = self.prev_best = h["best_val_loss"]
+        self.prev_val = h["eval_val_loss"]
+        return self.featurizer.observe(self.trainer.stats()), self._info()
+
+    def step(self, action):
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        trainer = self.trainer
+        rates = trainer.set_dropout(action_to_rates(action, self.p_min, self.p_max, self.base_config.n_layer))
+        try:
+            trainer.advance(min(self.interval, self.max_iters - trainer.iteration))
+            trainer.evaluate()
+        except Diverged:
+            stats = trainer.stats()
+            obs = self.featurizer.observe(stats)
+            self.trainer = None  # the run is over; a step now needs a reset
+            return obs, -self.divergence_penalty * self.reward_scale, True, False, {**self._info(stats), "diverged": True}
+        stats = trainer.stats()
+        done = trainer.iteration >= self.max_iters
+        best, val = stats.best_val_loss, stats.eval_val_loss
+        if self.reward_kind == "best_val":
+            reward = math.log(self.prev_best / best)
+            if done:
+                reward += self.terminal_weight * math.log(self.best0 / best)
+        elif self.reward_kind == "val":
+            reward = math.log(self.prev_val / val)
+        else:
+            reward = math.log(self.best0 / best) if done else 0.0
+        self.prev_best, self.prev_val = best, val
+        info = {**self._info(stats), "rates": rates}
+        return self.featurizer.observe(stats), float(reward * self.reward_scale), done, False, info
+
+    def _info(self, stats=None) -> dict[str, Any]:
+        stats = stats or self.trainer.stats()
+        return {"instance": self.instance, "iteration": stats.iteration, "val_loss": stats.eval_val_loss,
+                "best_val_loss": stats.best_val_loss, "rate": stats.rate}

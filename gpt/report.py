@@ -1,0 +1,227 @@
+"""A local report of a comparison: PNG figures and one HTML page, viewable with no wandb account.
+
+:func:`write_report` rebuilds the table from the trial folders (``gpt.experiment.aggregate``), draws
+
+- ``val_loss.png``: validation loss against iteration, per controller: mean over seeds, band = range
+  over seeds (whole run, and a zoom on the second half where controllers differ);
+- ``dropout_rate.png``: the dropout rate each controller chose (mean over seeds and layers, band = range);
+- ``gap.png``: the generalization gap, val loss − train loss on the fixed evaluation batches;
+- ``best_val.png``: best validation loss per controller, mean with its 95 % t-interval, one dot per seed;
+
+and writes ``report.html`` with the figures embedded (base64), so the one file can be mailed or opened
+anywhere. Uses matplotlib's Agg backend: no display needed.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .experiment import METRICS, Comparison, Table, TrialResult, aggregate, format_p, load_results, write_tables
+
+FIGURES = {
+    "val_loss": "Validation loss (mean over seeds; band = range over seeds)",
+    "dropout_rate": "Dropout rate chosen by each controller (mean over seeds and layers)",
+    "gap": "Generalization gap: val loss − train loss on the fixed evaluation batches",
+    "best_val": "Best validation loss per controller: mean and 95 % t-interval over seeds; dots = seeds",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def seed_band(results: list[TrialResult], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(iters, mean, low, high)`` of ``key`` over the seeds, at the iterations every seed logged."""
+    curves = [r.curve(key) for r in results]
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+        return (np.zeros(0),) * 4
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
+    iters = np.asarray(common, dtype=float)
+    stacked = np.stack([np.interp(iters, *c) if len(c[0]) > 1 else c[1][:1].repeat(len(iters)) for c in curves])
+    # np.interp at logged points returns the logged value; a repeated iter (resumed run) keeps the last.
+    return iters, stacked.mean(0), stacked.min(0), stacked.max(0)
+
+
+def _colors(n: int) -> list[Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _curve_figure(groups: dict[str, list[TrialResult]], key: str, ylabel: str, baseline: str,
+                  step: bool = False, target: float | None = None, zoom: bool = False,
+                  x_end: float | None = None):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(15 if zoom else 10, 4.8), squeeze=False)
+    colors = _colors(len(groups))
+    band_alpha = max(0.05, 0.25 / math.sqrt(len(groups) or 1))  # many overlapping bands turn to mud
+    for ax_i, ax in enumerate(axes[0]):
+        lows, highs = [], []
+        for (spec, rs), color in zip(groups.items(), colors):
+            iters, mean, low, high = seed_band(rs, key)
+            if not len(iters):
+                continue
+            if step and x_end is not None and iters[-1] < x_end:  # the last rate holds to the end of the run
+                iters, mean, low, high = (np.append(a, v) for a, v in
+                                          ((iters, x_end), (mean, mean[-1]), (low, low[-1]), (high, high[-1])))
+            if ax_i == 1:  # zoom: second half of the run
+                keep = iters >= iters.max() / 2
+                iters, mean, low, high = iters[keep], mean[keep], low[keep], high[keep]
+                lows.append(low.min())
+                highs.append(high.max())
+            label = f"{spec} (baseline)" if spec == baseline else spec
+            width = 2.4 if spec == baseline else 1.4
+            kw = {"drawstyle": "steps-post"} if step else {}
+            ax.plot(iters, mean, color=color, lw=width, label=label, **kw)
+            if len(rs) > 1:
+                ax.fill_between(iters, low, high, color=color, alpha=band_alpha, lw=0, step="post" if step else None)
+        if target is not None and math.isfinite(target):
+            ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}" if ax_i == 0 else None)
+        if ax_i == 1 and lows:
+            pad = 0.05 * (max(highs) - min(lows) or 1.0)
+            ax.set_ylim(min(lows) - pad, max(highs) + pad)
+            ax.set_title("second half of the run")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    # outside the plot, to the right: with ten controllers a legend inside hides the curves
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
+def _best_val_figure(table: Table):
+    plt = _pyplot()
+    rows = table.rows
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    colors = _colors(len(rows))
+    for i, (row, color) in enumerate(zip(rows, colors)):
+        y = len(rows) - 1 - i
+        seeds = [t["best_val_loss"] for t in table.trials
+                 if t["controller"] == row["controller"] and t.get("best_val_loss") is not None]
+        ax.scatter(seeds, [y] * len(seeds), color=color, s=14, alpha=0.6, zorder=3)
+        if row["best_val_loss"] is None:
+            continue
+        low, high = row["best_val_loss_low"], row["best_val_loss_high"]
+        xerr = None if low is None else [[row["best_val_loss"] - low], [high - row["best_val_loss"]]]
+        ax.errorbar(row["best_val_loss"], y, xerr=xerr, fmt="D" if row["baseline"] else "o", color=color,
+                    capsize=4, ms=7, zorder=4)
+    if any(r["baseline"] and r["best_val_loss"] is not None for r in rows):
+        base = next(r for r in rows if r["baseline"])
+        ax.axvline(base["best_val_loss"], color="grey", ls=":", lw=1)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['controller']} (baseline)" if r["baseline"] else r["controller"] for r in reversed(rows)])
+    ax.set_xlabel("best validation loss (nats/char; lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_figures(comparison: Comparison, table: Table, results: list[TrialResult], folder: Path) -> dict[str, Path]:
+    """Write the PNGs into ``folder``; returns their paths by figure name."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    # diverged trials stop early: their curves would cut every band short, so only finished ones are drawn
+    groups = {s: [r for r in results if r.trial.spec == s and r.summary and r.records] for s in comparison.specs}
+    groups = {s: rs for s, rs in groups.items() if rs}
+    baseline, target = table.meta["baseline"], table.meta["target_val_loss"]
+    figures = {
+        "val_loss": _curve_figure(groups, "val/loss", "validation loss (nats/char)", baseline, target=target, zoom=True),
+        "dropout_rate": _curve_figure(groups, "dropout/rate", "dropout rate", baseline, step=True,
+                                      x_end=comparison.cfg.max_iters),
+        "gap": _curve_figure(groups, "val/gap", "val loss − train loss (nats/char)", baseline),
+        "best_val": _best_val_figure(table),
+    }
+    paths = {}
+    for name, fig in figures.items():
+        paths[name] = folder / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _cell(row: dict[str, Any], key: str, digits: int) -> str:
+    mean, low, high = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
+    if mean is None:
+        return "–"
+    if low is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} <small>[{low:.{digits}f}, {high:.{digits}f}]</small>"
+
+
+def html_table(table: Table) -> str:
+    digits = {"best_val_loss": 4, "final_train_loss": 4, "iters_to_target": 0, "secs_to_target": 1,
+              "total_train_time_s": 1, "train_tokens_per_s": 0, "inference_tokens_per_s": 0}
+    head = ["controller", "n", *METRICS.values(), "reached target", "Δ best val vs baseline", "p"]
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for row in table.rows:
+        name = html.escape(row["controller"])
+        cells = [f"<b>{name}</b> (baseline)" if row["baseline"] else name,
+                 f"{row['n']}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else ""),
+                 *(_cell(row, k, digits[k]) for k in METRICS), f"{row['reached_target']}/{row['n']}",
+                 "–" if row["baseline"] else _cell(row, "delta_best_val_loss", 4),
+                 "–" if row["baseline"] else format_p(row["p_value"])]
+        cls = ' class="baseline"' if row["baseline"] else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.baseline { background: #eef5ff; }
+img { max-width: 100%; border: 1px solid #eee; }
+.meta { color: #555; }
+"""
+
+
+def write_report(out: str | Path) -> Path:
+    """Rebuild the table of the comparison in ``out`` and write ``report.html`` and ``figures/*.png`` there."""
+    out = Path(out)
+    comparison = Comparison.load(out)
+    results = load_results(comparison)
+    table = aggregate(comparison, results)
+    write_tables(table, out)  # so results.* always match the page, also for a partly finished comparison
+    paths = draw_figures(comparison, table, results, out / "figures")
+    m = table.meta
+    target = "–" if m["target_val_loss"] is None else f"{m['target_val_loss']:.3f}"
+    parts = [
+        "<!doctype html>", "<html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(m['name'])}: controller comparison</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(m['name'])}: controller comparison</h1>",
+        f"<p class='meta'>Preset <code>{html.escape(m['preset'])}</code>, {m['max_iters']} iterations, "
+        f"evaluation every {m['eval_interval']} iterations on {m['eval_iters']} fixed batches per split; seeds "
+        f"{html.escape(str(m['seeds']))} ({m['trials_finished']}/{m['trials_planned']} trials finished); device "
+        f"{html.escape(', '.join(m['device']) or '?')}; trials run {', '.join(map(str, m['concurrent_trials'])) or '?'} "
+        f"at a time; table written {m['written']}.</p>",
+        f"<p>Baseline: <code>{html.escape(m['baseline'])}</code> ({html.escape(m['baseline_rule'])}). "
+        f"Target validation loss: {target} ({html.escape(m['target_rule'])}). Cells: mean "
+        f"<small>[95 % t-interval over seeds]</small>. Δ: paired difference of best val loss against the baseline "
+        f"(negative = better). p: {html.escape(m['test'])}. Iterations and seconds to target are means over the "
+        f"seeds that reached it.</p>",
+        html_table(table),
+    ]
+    for name, caption in FIGURES.items():
+        data = base64.b64encode(paths[name].read_bytes()).decode("ascii")
+        parts += [f"<h2>{html.escape(caption)}</h2>",
+                  f"<img alt='{name}' src='data:image/png;base64,{data}'>",
+                  f"<p class='meta'>File: figures/{name}.png</p>"]
+    parts.append("</body></html>")
+    page = out / "report.html"
+    page.write_text("\n".join(parts) + "\n")
+    return page

@@ -1,0 +1,117 @@
+"""Compare dropout controllers: every controller × seed, then a table with confidence intervals and tests.
+
+    python -m runs.compare --preset cpu --controllers constant@0,0.1,0.2,linear,exponential,val_loss,pid --seeds 3
+    python -m runs.compare --preset paper --controllers constant@0,0.1,0.2,0.3,pid --seeds 3 --jobs 2
+    python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo_tiny/policy.zip
+
+Writes ``--out``/trials/<controller>-s<seed>/ (one training run each) and ``results.{md,csv,json}``;
+rerunning the same command skips finished trials, so an interrupted comparison resumes. Then
+``python -m runs.report DIR`` draws the figures. Settings (``--max-iters`` ...) override the preset for
+every trial; ``--help`` lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from controllers import UserError
+from gpt.config import add_config_args, config_from_args
+from gpt.experiment import Comparison, aggregate, check_specs, log_table_to_wandb, markdown_table, parse_controllers, \
+    write_tables
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runs.compare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--controllers", nargs="+", required=True,
+                   help="comma-separated controller specs; NAME@V1,V2 sweeps the first parameter "
+                        "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...)")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds (--seed, --seed+1, ...) or a comma-separated list of seeds")
+    p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
+    p.add_argument("--out", default=None, help="the comparison's folder; default results/<preset>")
+    p.add_argument("--name", default="", help="comparison name, also the wandb group compare-<name>; "
+                                              "default the --out folder's name")
+    p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a worker process "
+                                                       "(several per GPU is faster for small models)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial; default all cores / --jobs")
+    p.add_argument("--policy", default=None, help="trained policy (.zip) for the ppo controller")
+    p.add_argument("--target", type=float, default=None,
+                   help="val loss for 'iterations/seconds to target'; default the worst best-val-loss among "
+                        "the baseline's seeds, rounded up")
+    p.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                   help="before its first trial, each process trains an untimed 2-step run, so compile and "
+                        "CUDA start-up do not count against the first controller's time")
+    p.add_argument("--baseline", default=None, help="controller spec of the baseline row; default the best constant rate")
+    add_config_args(p, skip=("preset", "out"))
+    return p.parse_args(argv)
+
+
+def parse_seeds(text: str, first: int) -> list[int]:
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise UserError(f"--seeds must be a count or a comma-separated list of integers, not {text!r}") from None
+    if n < 1:
+        raise UserError(f"--seeds must be >= 1, got {n}")
+    return [first + i for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = args.preset if args.preset != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint is None:
+        args.checkpoint = False  # trials restart from scratch when interrupted; checkpoints only cost time
+    cfg = config_from_args(args, preset)
+    specs = parse_controllers(args.controllers)
+    check_specs(specs, args.policy)
+    comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
+                            out=Path(args.out or f"results/{preset}"), name=args.name, policy=args.policy,
+                            jobs=args.jobs, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
+    pending = comparison.pending()
+    total = len(comparison.trials)
+    print(f"{comparison.name}: {len(specs)} controllers × {len(comparison.seeds)} seeds = {total} trials, "
+          f"{total - len(pending)} already finished; preset {preset}, {cfg.max_iters} iterations, "
+          f"{comparison.jobs} at a time, out {comparison.out}, wandb group {comparison.group}")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - len(pending), desc="trials", unit="trial", dynamic_ncols=True,
+               disable=not cfg.progress)
+
+    def on_done(trial, summary):
+        best = summary.get("best_val_loss")
+        bar.set_postfix_str(f"{trial.run_name}: " + (f"best val {best:.4f}" if best is not None else "diverged"))
+        bar.update(1)
+
+    try:
+        comparison.run(on_done)
+    except KeyboardInterrupt:
+        bar.close()
+        print("\ninterrupted; rerun the same command to continue (finished trials are kept)", file=sys.stderr)
+        return 130
+    bar.close()
+    table = aggregate(comparison)
+    paths = write_tables(table, comparison.out)
+    log_table_to_wandb(comparison, table)
+    print(markdown_table(table))
+    print(f"tables: {', '.join(str(p) for p in paths.values())}; figures: python -m runs.report {comparison.out}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,145 @@
+"""Train a PPO policy that sets the dropout rate, on short ``DynamicDropout-v0`` episodes.
+
+    python -m runs.train_policy                                   # demo budget: 2048 env steps, ~10 min on 2 cores
+    python -m runs.train_policy --total-timesteps 20000 --n-envs 8 --vec subproc   # with spare cores
+    python -m runs.eval_policy --policy policies/ppo_tiny/policy.zip           # held-out comparison
+    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.zip --preset cpu
+
+Writes into ``--out``: ``policy.zip`` + ``policy.json`` (final policy and its metadata),
+``checkpoints/policy_<steps>.zip`` (+ .json), ``progress.csv`` (sb3's log) and the wandb run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controllers import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    out: str = _f("policies/ppo_tiny", "folder for the policy, its checkpoints and logs")
+    total_timesteps: int = _f(2048, "env steps (control intervals) to train for")
+    n_envs: int = _f(2, "parallel episodes per rollout")
+    vec: str = _f("dummy", "dummy (all envs in this process) or subproc (one process per env: needs spare cores)")
+    seed: int = _f(0, "seeds PPO and the envs' instance draws")
+    # env
+    preset: str = _f("tiny", "preset of the model trained in each episode")
+    max_iters: int = _f(160, "optimizer steps per episode")
+    interval: int = _f(16, "optimizer steps per env step (evaluation and control interval)")
+    eval_iters: int = _f(0, "evaluation batches per split; 0 = the preset's")
+    p_min: float = _f(0.0, "rate for action -1")
+    p_max: float = _f(0.5, "rate for action +1")
+    per_layer: bool = _f(False, "one rate per transformer layer")
+    reward: str = _f("best_val", "best_val, val or final (see envs.DropoutEnv)")
+    reward_scale: float = _f(10.0, "multiplies every reward")
+    # PPO
+    n_steps: int = _f(32, "env steps per env per rollout (one PPO update each)")
+    batch_size: int = _f(32, "minibatch size")
+    n_epochs: int = _f(10, "passes over each rollout")
+    learning_rate: float = _f(1e-3, "Adam learning rate")
+    gamma: float = _f(0.99, "discount")
+    gae_lambda: float = _f(0.95, "GAE lambda")
+    ent_coef: float = _f(0.0, "entropy bonus")
+    log_std_init: float = _f(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
+    checkpoint_every: int = _f(512, "save the policy every this many env steps; 0 = never")
+    # tracking
+    wandb: str = _f("offline", "online, offline or disabled")
+    wandb_project: str = _f("dynamic-dropout", "wandb project")
+    progress: bool = _f(True, "show a progress bar")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    p = argparse.ArgumentParser(prog="python -m runs.train_policy", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = Args(**vars(p.parse_args(argv)))
+    if args.vec not in ("dummy", "subproc"):
+        raise UserError(f"--vec must be dummy or subproc, not {args.vec!r}")
+    if args.wandb not in ("online", "offline", "disabled"):
+        raise UserError(f"--wandb must be online, offline or disabled, not {args.wandb!r}")
+    if min(args.total_timesteps, args.n_envs, args.n_steps, args.batch_size, args.n_epochs) < 1:
+        raise UserError("--total-timesteps, --n-envs, --n-steps, --batch-size and --n-epochs must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, Logger
+
+    from envs import DropoutEnv
+    from envs.policy_training import (EpisodeStatsCallback, PolicyCheckpointCallback, TqdmCallback, WandbWriter,
+                                      make_vec_env, save_policy)
+
+    env_kwargs = dict(preset=args.preset, max_iters=args.max_iters, interval=args.interval, p_min=args.p_min,
+                      p_max=args.p_max, per_layer=args.per_layer, reward=args.reward, reward_scale=args.reward_scale,
+                      config={"eval_iters": args.eval_iters} if args.eval_iters else None)
+    env_meta = DropoutEnv(**env_kwargs).metadata_dict()  # validates the options before any work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    venv = make_vec_env(args.n_envs, env_kwargs, args.seed, subproc=args.vec == "subproc")
+
+    formats: list[Any] = [CSVOutputFormat(str(out / "progress.csv"))]
+    if not args.progress:
+        formats.append(HumanOutputFormat(sys.stdout))
+    run = None
+    if args.wandb != "disabled":
+        import wandb
+        run = wandb.init(project=args.wandb_project, group="ppo", dir=str(out), mode=args.wandb,
+                         config={**dataclasses.asdict(args), **env_meta}, settings=wandb.Settings(silent=True))
+        formats.append(WandbWriter(run))
+
+    model = PPO("MlpPolicy", venv, n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs,
+                learning_rate=args.learning_rate, gamma=args.gamma, gae_lambda=args.gae_lambda,
+                ent_coef=args.ent_coef, seed=args.seed, device="cpu",
+                policy_kwargs=dict(log_std_init=args.log_std_init, net_arch=[64, 64]))
+    model.set_logger(Logger(str(out), formats))
+    callbacks = [EpisodeStatsCallback(), PolicyCheckpointCallback(args.checkpoint_every, out / "checkpoints", env_meta)]
+    if args.progress:
+        callbacks.append(TqdmCallback())
+    print(f"PPO on DynamicDropout-v0: {args.preset} episodes of {args.max_iters} steps, "
+          f"{-(-args.max_iters // args.interval)} decisions each; {args.total_timesteps} env steps, "
+          f"{args.n_envs} envs ({args.vec}); out {out}; wandb {args.wandb}")
+    t0 = time.perf_counter()
+    try:
+        model.learn(total_timesteps=args.total_timesteps, callback=callbacks)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at {model.num_timesteps} env steps; saving the policy so far", file=sys.stderr)
+    wall_s = time.perf_counter() - t0
+    path = save_policy(model, out / "policy", env_meta, {"train_wall_s": wall_s, "seed": args.seed,
+                                                         "n_envs": args.n_envs, "vec": args.vec})
+    venv.close()
+    if run is not None:
+        run.summary.update({"train_wall_s": wall_s, "num_timesteps": model.num_timesteps})
+        run.finish()
+    print(f"saved {path} (+ {path.with_suffix('.json').name}) after {model.num_timesteps} env steps "
+          f"in {wall_s:.0f} s")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

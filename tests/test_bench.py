@@ -1,0 +1,110 @@
+"""The benchmark's CPU path: it runs, its JSON is complete and consistent. No timing asserts."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from controllers import TrainingStats
+from gpt import make_config
+from gpt.bench import AlternatingRate, protocol_evaluations
+from runs.bench import cli
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--iters", "6", "--ref-iters", "4", "--eval-passes", "2",
+        "--ref-eval-passes", "1", "--untimed-iters", "2", "--rounds", "2", "--eval-iters", "2",
+        "--gen-tokens", "12", "--gen-repeats", "1"]
+TIMED = ("ms_per_iter_median", "ms_per_iter_p10", "ms_per_iter_p90", "ms_per_iter_mean", "eval_pass_ms",
+         "protocol_s", "train_tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: quick even when other processes share the cores
+        assert cli([*TINY, "--threads", "1", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(path.read_text())
+
+
+def test_json_has_every_field_as_a_finite_positive_number(result):
+    for side in ("ours", "reference"):
+        for key in (*TIMED, "warmup_s"):
+            value = result[side][key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (side, key, value)
+    assert isinstance(result["ours"]["recompiles"], int) and result["ours"]["recompiles"] >= 0
+    assert result["ours"]["timed_iters"] == 6 and result["reference"]["timed_iters"] == 4
+    assert result["ours"]["timed_eval_passes"] == 2 and result["reference"]["timed_eval_passes"] == 1
+    assert result["ours"]["ms_per_iter_p10"] <= result["ours"]["ms_per_iter_median"] <= result["ours"]["ms_per_iter_p90"]
+    for key in ("preset", "device", "device_name", "torch", "dtype", "date_utc", "config", "settings", "protocol",
+                "load_average_1min"):
+        assert key in result, key
+    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["cpu_threads"] == 1
+    assert result["protocol"] == {**result["protocol"], "max_iters": 300, "evaluations": 13, "projected": True}
+
+
+def test_ratio_is_ours_over_reference(result):
+    assert set(result["ratio"]) == set(TIMED)
+    for key in TIMED:
+        assert result["ratio"][key] == pytest.approx(result["ours"][key] / result["reference"][key])
+
+
+def test_projected_protocol_time_follows_the_formula(result):
+    for side in ("ours", "reference"):
+        d = result[side]
+        # 300 iterations at the mean per-iteration time, 13 evaluations (one timed pass each side here)
+        expected = 300 * d["ms_per_iter_mean"] / 1e3 + 13 * d["eval_pass_ms"] / 1e3
+        if d["timed_eval_passes"] == 1:
+            assert d["protocol_s"] == pytest.approx(expected)
+        tokens = 16 * 32  # tiny: batch 16, block 32
+        assert d["train_tokens_per_s"] == pytest.approx(tokens / (d["ms_per_iter_mean"] / 1e3))
+
+
+def test_kv_cache_sampling_gives_identical_tokens(result):
+    s = result["sampling"]
+    assert s["identical"] is True and s["first_mismatch"] is None
+    assert s["tokens"] == 12
+    for key in ("kv_cache_tokens_per_s", "no_cache_tokens_per_s", "ratio"):
+        assert math.isfinite(s[key]) and s[key] > 0
+    assert s["ratio"] == pytest.approx(s["kv_cache_tokens_per_s"] / s["no_cache_tokens_per_s"])
+
+
+def test_rate_zero_check_passes(result):
+    assert result["rate0_draws_no_random"] is True
+
+
+def test_alternating_controller_changes_the_rate_every_step_and_never_to_zero():
+    c = AlternatingRate(low=0.1, high=0.3)
+    c.reset(2)
+    stats = TrainingStats(iteration=0, max_iters=10, lr=1e-3, train_loss_smoothed=math.nan,
+                          eval_train_loss=math.nan, eval_val_loss=math.nan, best_val_loss=math.inf,
+                          best_val_iter=0, rates=(0.0, 0.0))
+    rates = [c.update(stats) for _ in range(4)]
+    assert rates == [(0.1, 0.1), (0.3, 0.3), (0.1, 0.1), (0.3, 0.3)]
+
+
+def test_protocol_counts_the_evaluations_a_run_makes():
+    assert protocol_evaluations(make_config("paper")) == 21  # 5000 / 250 + 1, as issue 4 counts them
+    assert protocol_evaluations(make_config("cpu")) == 21
+    assert protocol_evaluations(make_config("tiny", max_iters=310)) == 14  # 0, 25, ..., 300, and 310
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    assert cli(["--preset", "tiny", "--iters", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: iters must be at least 1") and err.count("\n") == 1
+    assert cli(["--preset", "nope"]) == 2
+    assert cli(["--preset", "tiny", "--rates", "0,0.2"]) == 2  # a 0 <-> non-zero switch would recompile
+    assert "both 0" in capsys.readouterr().err
+
+
+def test_bench_and_train_commands_import_no_rl_or_tracking_packages():
+    """The GPU check runs both commands where wandb, gymnasium and stable-baselines3 are not installed."""
+    code = ("import sys, runs.bench, runs.train; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'wandb', 'gymnasium', 'stable_baselines3'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,175 @@
+"""Comparisons (`python -m runs.compare`) and their report (`python -m runs.report`) on the tiny preset."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from controllers import UserError
+from gpt.experiment import default_target, mean_ci, paired_test, parse_controllers, pick_baseline
+from runs.compare import cli as compare_cli
+from runs.report import cli as report_cli
+
+# 40 steps, evaluations every 10 on 2 batches: about a second per trial on 2 CPU cores.
+SHORT = ["--preset", "tiny", "--max-iters", "40", "--eval-interval", "10", "--eval-iters", "2", "--gen-tokens", "8",
+         "--threads", "1", "--no-progress", "--wandb", "disabled"]
+CONTROLLERS = ["--controllers", "constant@0,0.1", "linear"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- controller lists -------------------------------------------------------------------------------
+
+def test_sweeps_expand_and_parameters_keep_their_commas():
+    assert parse_controllers("constant@0,0.1,0.2,linear,pid") == [
+        "constant:rate=0", "constant:rate=0.1", "constant:rate=0.2", "linear", "pid"]
+    assert parse_controllers(["linear:start=0.3,end=0", "val_loss"]) == ["linear:start=0.3,end=0", "val_loss"]
+    assert parse_controllers("linear:end=0@start=0.1,0.3,early") == [
+        "linear:end=0,start=0.1", "linear:end=0,start=0.3", "early"]
+    assert parse_controllers("pid@signal=gap,val_slope") == ["pid:signal=gap", "pid:signal=val_slope"]
+    assert parse_controllers("constant@0.1,constant:rate=0.1,linear,linear") == ["constant:rate=0.1", "linear"]
+
+
+@pytest.mark.parametrize("text", ["", "0.1,linear", "nosuch@1,2"])
+def test_bad_controller_lists_are_user_errors(text):
+    with pytest.raises(UserError):
+        parse_controllers(text)
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, low, high = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert high - mean == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    assert mean - low == pytest.approx(high - mean)
+    assert mean_ci([2.0, 2.0]) == (2.0, 2.0, 2.0)
+    m1, l1, h1 = mean_ci([5.0, math.nan])  # nan ignored; one value has no interval
+    assert m1 == 5.0 and math.isnan(l1) and math.isnan(h1)
+
+
+def test_paired_test_pairs_by_seed_and_baseline_is_best_constant():
+    base = {1: 1.50, 2: 1.60, 3: 1.55}
+    better = {1: 1.45, 2: 1.56, 3: 1.50, 4: 9.9}  # seed 4 has no partner and is left out
+    test = paired_test(better, base)
+    assert test["n"] == 3 and test["delta"] == pytest.approx(-0.0466667, abs=1e-6)
+    assert 0.0 < test["p"] < 0.05  # consistent small improvement over seed-to-seed variation
+    assert math.isnan(paired_test(base, base)["p"])
+    assert pick_baseline({"constant:rate=0": [1.6, 1.7], "constant:rate=0.2": [1.5, 1.6], "pid": [1.0]}) \
+        == "constant:rate=0.2"
+    assert pick_baseline({"pid": [1.0]}) is None
+    assert default_target([1.4581, 1.47023]) == 1.471
+
+
+# -- a whole comparison ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cmp") / "tiny2x3"
+    assert compare_cli([*CONTROLLERS, "--seeds", "2", "--out", str(out), *SHORT]) == 0
+    return out
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_table_has_every_figure_with_ordered_cis_a_baseline_and_p_values(comparison):
+    results = json.loads((comparison / "results.json").read_text())
+    rows, meta = results["rows"], results["meta"]
+    assert [r["controller"] for r in rows] == ["constant:rate=0", "constant:rate=0.1", "linear"]
+    assert len(results["trials"]) == 6 and meta["trials_finished"] == 6 and meta["concurrent_trials"] == [1]
+    for row in rows:
+        assert row["n"] == 2 and row["diverged"] == 0
+        for key in ("best_val_loss", "final_train_loss", "total_train_time_s", "train_tokens_per_s",
+                    "inference_tokens_per_s"):
+            assert row[key] is not None and row[key] > 0, (row["controller"], key)
+            assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], (row["controller"], key)
+        assert row["best_val_loss"] < 4.17  # better than the untrained model's ln(65)
+    baselines = [r for r in rows if r["baseline"]]
+    assert len(baselines) == 1 and baselines[0]["controller"].startswith("constant:")
+    base = baselines[0]
+    assert base["best_val_loss"] == min(r["best_val_loss"] for r in rows if r["controller"].startswith("constant"))
+    assert meta["baseline"] == base["controller"]
+    # the default target is reached by every baseline seed, at an evaluation iteration
+    assert base["reached_target"] == 2 and base["iters_to_target"] % 10 == 0 and base["secs_to_target"] > 0
+    for row in rows:
+        if not row["baseline"]:
+            assert 0.0 <= row["p_value"] <= 1.0 and row["pairs"] == 2
+            assert row["delta_best_val_loss_low"] <= row["delta_best_val_loss"] <= row["delta_best_val_loss_high"]
+
+    md = (comparison / "results.md").read_text()
+    assert f"**{base['controller']}** (baseline)" in md and "linear" in md
+    with (comparison / "results.csv").open() as f:
+        assert [r["controller"] for r in csv.DictReader(f)] == [r["controller"] for r in rows]
+
+
+def test_runs_of_a_seed_share_init_and_evaluation_batches(comparison):
+    first_val = {}
+    for trial in (comparison / "trials").iterdir():
+        records = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+        seed = json.loads((trial / "summary.json").read_text())["seed"]
+        first_val.setdefault(seed, set()).add(next(r["val/loss"] for r in records if "val/loss" in r))
+        assert any("perf/wall_time_s" in r for r in records)
+    assert all(len(v) == 1 for v in first_val.values())  # same seed: same model at step 0, same batches
+    assert len({v.pop() for v in first_val.values()}) == 2  # different seeds differ
+
+
+def test_rerun_skips_finished_trials_and_changed_settings_are_refused(comparison, capsys):
+    summaries = sorted((comparison / "trials").glob("*/summary.json"))
+    assert len(summaries) == 6
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    assert compare_cli([*CONTROLLERS, "--seeds", "2", "--out", str(comparison), *SHORT]) == 0
+    assert "6 already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
+
+    assert compare_cli([*CONTROLLERS, "--seeds", "2", "--out", str(comparison), *SHORT, "--max-iters", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "max_iters" in err and "\n" not in err
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
+
+
+def test_report_writes_html_and_png_figures(comparison):
+    assert report_cli([str(comparison)]) == 0
+    page = (comparison / "report.html").read_text()
+    for name in ("val_loss", "dropout_rate", "gap", "best_val"):
+        png = comparison / "figures" / f"{name}.png"
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 300 and height > 150, name
+        assert f"alt='{name}'" in page
+    assert "(baseline)" in page and "constant:rate=0.1" in page
+
+
+@pytest.mark.parametrize("args", [
+    ["--controllers", "nosuch", "--seeds", "1"],
+    ["--controllers", "constant", "--seeds", "0"],
+    ["--controllers", "constant", "--jobs", "0"],
+    ["--controllers", "constant,linear", "--policy", "p.zip"],
+    ["--controllers", "constant", "--baseline", "linear"],
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args):
+    assert compare_cli([*args, "--out", str(tmp_path / "c"), *SHORT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_report_of_a_folder_without_a_comparison_is_an_error(tmp_path, capsys):
+    assert report_cli([str(tmp_path)]) == 2
+    assert "runs.compare" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_results_as_one_process(comparison, tmp_path):
+    out = tmp_path / "parallel"
+    assert compare_cli(["--controllers", "constant@0,0.1", "--seeds", "1", "--jobs", "2", "--out", str(out), *SHORT]) == 0
+    rows = {r["controller"]: r for r in _rows(out)}
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["concurrent_trials"] == [2] and rows["constant:rate=0"]["concurrent_trials"] == "2"
+    sequential = {(t["controller"], t["seed"]): t["best_val_loss"]
+                  for t in json.loads((comparison / "results.json").read_text())["trials"]}
+    for spec in ("constant:rate=0", "constant:rate=0.1"):
+        assert rows[spec]["best_val_loss"] == sequential[(spec, 1337)]  # one thread each: bitwise the same

@@ -1,0 +1,149 @@
+"""DynamicDropout-v0: the gymnasium and sb3 checkers, determinism, instances, rewards, the featurizer."""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from controllers import TrainingStats, UserError
+from controllers.features import FEATURES, Featurizer, action_to_rates
+
+# A shortened tiny episode: 4 decisions of 10 steps, 2 evaluation batches per split (~0.5 s).
+SHORT = dict(max_iters=40, interval=10, config={"eval_iters": 2})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """The env sets one torch thread per process; give later test modules their setting back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env_cls(chardata):
+    import envs
+    from envs import dropout_env
+    dropout_env._DATA.setdefault("", chardata)  # share the session's dataset instead of reading it again
+    return envs.DropoutEnv
+
+
+def run_episode(env, actions, **reset_kwargs):
+    obs, _ = env.reset(**reset_kwargs)
+    observations, rewards = [obs], []
+    for a in actions:
+        obs, r, terminated, truncated, info = env.step(np.array(a, dtype=np.float32).reshape(env.action_space.shape))
+        observations.append(obs)
+        rewards.append(r)
+        if terminated or truncated:
+            break
+    return np.array(observations), np.array(rewards), info
+
+
+def test_import_controllers_is_torch_free():
+    import subprocess
+    code = "import sys, controllers; print('torch' in sys.modules or 'stable_baselines3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_registered_and_checkers_pass(env_cls):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    env = gym.make("DynamicDropout-v0", **SHORT)
+    assert isinstance(env.unwrapped, env_cls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any checker warning fails the test
+        gym_check(env.unwrapped, skip_render_check=True)
+        sb3_check(env_cls(**SHORT), warn=True)
+    per_layer = env_cls(per_layer=True, **SHORT)
+    assert per_layer.action_space.shape == (per_layer.base_config.n_layer,)
+    gym_check(per_layer, skip_render_check=True)
+
+
+def test_same_seed_same_observations_and_rewards(env_cls):
+    env = env_cls(**SHORT)
+    actions = [-1.0, 0.3, 1.0, -0.2]
+    o1, r1, i1 = run_episode(env, actions, seed=7)
+    o2, r2, i2 = run_episode(env_cls(**SHORT), actions, seed=7)
+    assert i1["instance"] == i2["instance"]
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(r1, r2)
+    assert len(r1) == 4 and i1["iteration"] == 40
+    assert all(env.observation_space.contains(o) for o in o1)
+
+
+def test_instances_disjoint_and_selectable(env_cls):
+    import envs
+    assert not set(envs.TRAIN_SEEDS) & set(envs.EVAL_SEEDS)
+    env = env_cls(**SHORT)
+    drawn = {env.reset(seed=s)[1]["instance"] for s in range(20)}
+    assert drawn <= set(envs.TRAIN_SEEDS) and len(drawn) > 1
+    assert env.reset(seed=0, options={"split": "eval"})[1]["instance"] in envs.EVAL_SEEDS
+    assert env.reset(options={"instance": 12345})[1]["instance"] == 12345
+    with pytest.raises(UserError, match="overlap"):
+        env_cls(train_seeds=(1, 2), eval_seeds=(2, 3), **SHORT)
+
+
+def test_best_val_reward_telescopes_and_divergence_is_penalised(env_cls):
+    env = env_cls(reward_scale=1.0, terminal_weight=1.0, **SHORT)
+    obs, info = env.reset(options={"instance": 9000})
+    best0 = info["best_val_loss"]
+    _, rewards, last = run_episode(env, [-1.0] * 4, options={"instance": 9000})
+    assert (rewards >= 0).all()
+    assert math.isclose(rewards.sum(), 2 * math.log(best0 / last["best_val_loss"]), rel_tol=1e-6)
+
+    from gpt import Diverged
+    env.reset(options={"instance": 9000})
+
+    def diverge(n):
+        raise Diverged("test")
+    env.trainer.advance = diverge
+    obs, r, terminated, _, info = env.step(np.zeros(1, np.float32))
+    assert terminated and info["diverged"] and r == -env.divergence_penalty
+    assert env.observation_space.contains(obs)
+
+
+def test_action_mapping():
+    assert action_to_rates([-1.0], 0.0, 0.5, 2) == (0.0, 0.0)
+    assert action_to_rates([3.0], 0.1, 0.5, 2) == (0.5, 0.5)
+    assert action_to_rates([0.0, 1.0], 0.0, 0.4, 2) == (0.2, 0.4)
+    with pytest.raises(ValueError):
+        action_to_rates([0.0, 0.0, 0.0], 0.0, 0.5, 2)
+
+
+def _stats(it, val, train, best, best_it, rate=0.1, eval_iter=None):
+    return TrainingStats(iteration=it, max_iters=100, lr=1e-3, train_loss_smoothed=train * 1.05,
+                         eval_train_loss=train, eval_val_loss=val, best_val_loss=best, best_val_iter=best_it,
+                         rates=(rate, rate), eval_iter=it if eval_iter is None else eval_iter)
+
+
+def test_featurizer_values_and_state_roundtrip():
+    f = Featurizer(window=3)
+    first = f.observe(TrainingStats(0, 100, 1e-3, math.nan, 4.0, 4.2, 4.2, 0, (0.0, 0.0)))
+    assert first.dtype == np.float32 and first.shape == (len(FEATURES),) and np.isfinite(first).all()
+    seq = [_stats(10, 3.0, 2.9, 3.0, 10), _stats(20, 2.5, 2.3, 2.5, 20), _stats(30, 2.6, 2.2, 2.5, 20)]
+    obs = [f.observe(s) for s in seq]
+    names = [x.name for x in FEATURES]
+    last = dict(zip(names, obs[-1]))
+    assert last["progress"] == pytest.approx(0.3)
+    assert last["rel_gap"] == pytest.approx((2.6 - 2.2) / 2.6, rel=1e-5)
+    assert last["since_best"] == pytest.approx(0.1)
+    assert last["above_best"] == pytest.approx(math.log(2.6 / 2.5), rel=1e-5)
+    assert last["train_slope"] < 0
+    # a control step without a new evaluation does not add to the slope history
+    same = f.observe(_stats(35, 2.6, 2.2, 2.5, 20, eval_iter=30))
+    assert same[names.index("val_slope")] == obs[-1][names.index("val_slope")]
+    g = Featurizer()
+    g.load_state_dict(f.state_dict())
+    nxt = _stats(40, 2.7, 2.1, 2.5, 20)
+    np.testing.assert_array_equal(f.observe(nxt), g.observe(nxt))
+    # non-finite input (a diverged run) still gives a valid observation
+    bad = f.observe(_stats(50, math.nan, math.inf, 2.5, 20))
+    assert np.isfinite(bad).all() and (bad >= Featurizer.low).all() and (bad <= Featurizer.high).all()

@@ -1,0 +1,159 @@
+"""A short PPO run saves a policy that the ``ppo`` controller loads and that acts exactly as in the env."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from controllers import UserError, make_controller
+from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates
+
+ENV_ARGS = ["--max-iters", "40", "--interval", "10", "--eval-iters", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """The env sets one torch thread per process; give later test modules their setting back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def policy(chardata, tmp_path_factory):
+    """Train PPO for 16 env steps (2 envs x 8) on 4-decision episodes; returns the policy's path."""
+    from envs import dropout_env
+    from runs import train_policy
+
+    dropout_env._DATA.setdefault("", chardata)
+    out = tmp_path_factory.mktemp("ppo")
+    code = train_policy.main(["--out", str(out), "--total-timesteps", "16", "--n-steps", "8", "--batch-size", "8",
+                              "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled", "--no-progress",
+                              *ENV_ARGS])
+    assert code == 0
+    return out / "policy.zip"
+
+
+def test_saves_policy_metadata_and_checkpoints(policy):
+    meta = json.loads(policy.with_suffix(".json").read_text())
+    assert meta["feature_version"] == FEATURE_VERSION
+    assert (meta["p_min"], meta["p_max"], meta["per_layer"], meta["preset"]) == (0.0, 0.5, False, "tiny")
+    assert meta["reward"] == "best_val" and meta["sb3_version"] and meta["num_timesteps"] == 16
+    assert (policy.parent / "checkpoints" / "policy_8.zip").is_file()
+    assert (policy.parent / "checkpoints" / "policy_8.json").is_file()
+    assert (policy.parent / "progress.csv").is_file()
+
+
+def test_controller_acts_like_the_sb3_model(policy):
+    from stable_baselines3 import PPO
+
+    model = PPO.load(str(policy), device="cpu")
+    controller = make_controller("ppo", policy=str(policy))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        obs = rng.uniform(Featurizer.low, Featurizer.high).astype(np.float32)
+        expected, _ = model.predict(obs, deterministic=True)
+        np.testing.assert_array_equal(controller.act(obs), expected.reshape(-1))
+        assert controller.act(obs).tolist() == controller.act(obs).tolist()  # deterministic
+
+
+def test_env_and_controller_see_the_same_features(policy, chardata):
+    """An env episode driven by the model and a Trainer run under ``ppo`` give identical obs and rates."""
+    from stable_baselines3 import PPO
+
+    from envs import DropoutEnv, episode_config
+    from gpt import Trainer
+
+    model = PPO.load(str(policy), device="cpu")
+    env = DropoutEnv(max_iters=40, interval=10, config={"eval_iters": 2})
+    obs, _ = env.reset(options={"instance": 9001})
+    env_obs, env_rates, done = [], [], False
+    while not done:
+        env_obs.append(obs)
+        action, _ = model.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+        env_rates.append(info["rates"])
+
+    controller = make_controller("ppo", policy=str(policy))
+    seen, rates = [], []
+    observe, update = controller.featurizer.observe, controller.update
+    controller.featurizer.observe = lambda stats: seen.append(observe(stats)) or seen[-1]
+    controller.update = lambda stats: rates.append(update(stats)) or rates[-1]
+    cfg = episode_config("tiny", 40, 10, seed=9001, eval_iters=2)
+    summary = Trainer(cfg, controller, data=chardata).train()
+    np.testing.assert_array_equal(np.array(seen), np.array(env_obs))
+    assert rates == env_rates
+    assert summary["best_val_loss"] == info["best_val_loss"]
+
+
+def test_state_dict_roundtrip(policy):
+    from gpt.trainer import Trainer  # noqa: F401  (torch is loaded anyway by the policy)
+
+    a = make_controller("ppo", policy=str(policy))
+    a.reset(2)
+    from controllers import TrainingStats
+    stats = [TrainingStats(i, 100, 1e-3, 2.5, 2.4 - i / 100, 2.5 - i / 200, 2.5 - i / 200, i, (0.1, 0.1), eval_iter=i)
+             for i in (0, 10, 20)]
+    for s in stats[:2]:
+        a.update(s)
+    b = make_controller("ppo", policy=str(policy))
+    b.reset(2)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain Python values only
+    assert a.update(stats[2]) == b.update(stats[2])
+
+
+def test_mismatched_or_missing_metadata_is_refused(policy, tmp_path):
+    bad = tmp_path / "policy.zip"
+    shutil.copy(policy, bad)
+    with pytest.raises(UserError, match="no metadata"):
+        make_controller("ppo", policy=str(bad))
+    meta = json.loads(policy.with_suffix(".json").read_text())
+    for change, match in ((dict(feature_version="dyndrop-features-v0"), "features"),
+                          (dict(p_max=1.5), "bounds"), (dict(per_layer=True), "actions")):
+        bad.with_suffix(".json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(UserError, match=match):
+            make_controller("ppo", policy=str(bad))
+    bad.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="p_max=0.5, not 0.3"):
+        make_controller("ppo:p_max=0.3", policy=str(bad))
+    with pytest.raises(UserError, match="needs a policy"):
+        make_controller("ppo")
+    with pytest.raises(UserError, match="does not exist"):
+        make_controller("ppo", policy=str(tmp_path / "nope.zip"))
+
+
+def test_cli_refuses_a_mismatch_in_one_line(policy, tmp_path, capsys):
+    from runs import train
+
+    bad = tmp_path / "p.zip"
+    shutil.copy(policy, bad)
+    meta = json.loads(policy.with_suffix(".json").read_text())
+    bad.with_suffix(".json").write_text(json.dumps({**meta, "feature_version": "old"}))
+    code = train.cli(["--controller", "ppo", "--policy", str(bad), "--preset", "tiny", "--max-iters", "0",
+                      "--out", str(tmp_path / "run"), "--wandb", "disabled"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "features" in err
+
+
+def test_action_mapping_is_shared():
+    """The controller and the env both map actions with features.action_to_rates."""
+    import controllers.ppo as ppo
+    from envs import dropout_env
+    assert ppo.action_to_rates is action_to_rates and dropout_env.action_to_rates is action_to_rates
+
+
+def test_repr_round_trips(policy):
+    """tests/test_controllers.py round-trips every controller built without arguments; ppo needs a policy."""
+    ctrl = make_controller("ppo", policy=str(policy))
+    assert make_controller(repr(ctrl)).params() == ctrl.params()
+
+
+def test_eval_policy_prints_the_table(policy, capsys):
+    from runs import eval_policy
+
+    assert eval_policy.main(["--policy", str(policy), "--seeds", "9000", "--baselines", "constant:rate=0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "best val loss" in out and "ppo - constant:rate=0.0 (best fixed)" in out

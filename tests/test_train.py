@@ -1,0 +1,162 @@
+"""End-to-end behaviour of the trainer and `python -m runs.train`: outputs, resume, errors, compile."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from controllers import Controller, make_controller
+from gpt import Trainer, make_config
+from gpt.trainer import Diverged
+from runs.train import cli
+
+SHORT = ["--preset", "tiny", "--max-iters", "40", "--eval-interval", "10", "--eval-iters", "2",
+         "--gen-tokens", "8", "--no-progress", "--wandb", "disabled"]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_summary_metrics_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    assert cli(["--controller", "linear:start=0.3,end=0.0", "--out", str(out), *SHORT]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("best_val_loss", "best_val_iter", "final_train_loss", "final_val_loss", "total_train_time_s",
+                "train_tokens_per_s", "inference_tokens_per_s", "recompiles", "controller", "preset", "seed"):
+        assert key in summary, key
+    assert summary["controller"] == "linear" and summary["preset"] == "tiny" and summary["iterations"] == 40
+    assert summary["best_val_loss"] < 4.17  # better than the untrained model's ln(65)
+    records = read_metrics(out)
+    rates = [r["dropout/rate"] for r in records if "dropout/rate" in r]
+    assert rates == pytest.approx([0.3 * (1 - i / 4) for i in range(4)])  # one per control step, decaying
+    assert [r["iter"] for r in records if "val/loss" in r] == [0, 10, 20, 30, 40]
+    assert (out / "ckpt_last.pt").exists() and (out / "ckpt_best.pt").exists()
+    assert not list(out.glob("*.tmp"))
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)  # loads with weights_only
+    assert ckpt["iteration"] == 40
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["--controller", "constant", "--out", str(out), *SHORT]) == 0
+    capsys.readouterr()
+    assert cli(["--controller", "constant", "--out", str(out), *SHORT]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    args = ["--controller", "pid:kp=2.0,ki=2.0", *SHORT, "--max-iters", "60"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli([*args, "--out", str(full)]) == 0
+
+    real_advance = Trainer.advance
+
+    def crash_at_35(self, n, bar=None):
+        if self.iteration + n > 35:
+            real_advance(self, 35 - self.iteration, bar)
+            raise KeyboardInterrupt
+        real_advance(self, n, bar)
+
+    monkeypatch.setattr(Trainer, "advance", crash_at_35)
+    assert cli([*args, "--out", str(part)]) == 130
+    assert torch.load(part / "ckpt_last.pt", weights_only=True)["iteration"] == 30
+    monkeypatch.setattr(Trainer, "advance", real_advance)
+    assert cli(["--resume", "--out", str(part), "--no-progress", "--wandb", "disabled"]) == 0
+
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert a["best_val_loss"] == b["best_val_loss"]
+    assert a["final_train_loss"] == b["final_train_loss"]
+    assert a["final_rates"] == b["final_rates"]
+    strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
+    assert strip(read_metrics(full)) == strip(read_metrics(part))  # the same history, no duplicates
+
+
+class Flipper(Controller):
+    """Changes the rate at every control step, through zero and back."""
+    name = "flipper"
+
+    def _reset(self):
+        self.k = 0
+
+    def _update(self, stats):
+        self.k += 1
+        return [0.0, 0.05, 0.1, 0.2, 0.3][self.k % 5]
+
+
+def test_compiled_model_does_not_recompile_when_the_rate_changes(chardata):
+    torch._dynamo.reset()
+    cfg = make_config("tiny", max_iters=30, eval_interval=5, eval_iters=1, gen_tokens=0, compile=True,
+                      checkpoint=False, progress=False)
+    trainer = Trainer(cfg, Flipper(), data=chardata)
+    trainer.train()
+    assert trainer.recompiles in (0, 1)  # at most the graph without dropout, built once
+
+
+def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_step = Trainer._train_step
+
+    def poisoned(self):
+        real_step(self)
+        if self.iteration > 25:
+            self._acc[0] = float("nan")
+
+    monkeypatch.setattr(Trainer, "_train_step", poisoned)
+    assert cli(["--controller", "constant", "--out", str(out), *SHORT]) == 1
+    err = capsys.readouterr().err
+    assert "nan" in err and "ckpt_last.pt" in err
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["iteration"] == 20
+    assert not (out / "summary.json").exists()
+
+
+def test_trainer_raises_diverged_on_nan_eval(chardata, monkeypatch):
+    cfg = make_config("tiny", max_iters=10, eval_interval=5, eval_iters=1, gen_tokens=0, checkpoint=False,
+                      progress=False)
+    trainer = Trainer(cfg, make_controller("constant"), data=chardata)
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(Diverged):
+        trainer.train()
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "runs.train", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--controller", "nope"], "unknown controller"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--controller", "pid:kq=1"], "bad parameter"),
+    (["--controller", "pid:kp=abc"], "not a valid"),
+    (["--controller", "constant:rate=1.5"], "[0, 1)"),
+    (["--data", "/nonexistent/input.txt"], "dataset not found"),
+    (["--resume"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, args, words):
+    out = tmp_path / "run"
+    res = run_cli(*SHORT, "--out", str(out), *args, cwd=Path(__file__).parents[1])
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt_last.pt").write_bytes(b"not a checkpoint")
+    res = run_cli("--resume", "--out", str(out), "--no-progress", cwd=Path(__file__).parents[1])
+    assert res.returncode == 2 and "unreadable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_offline_wandb_run_is_written(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in SHORT if a not in ("--wandb", "disabled")]
+    assert cli(["--controller", "pid", "--out", str(out), *args, "--wandb", "offline"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
