@@ -19,8 +19,9 @@ import torch
 
 from controllers import UserError
 from gpt.config import add_config_args, config_from_args
-from gpt.experiment import Comparison, aggregate, check_specs, log_table_to_wandb, markdown_table, parse_controllers, \
-    write_tables
+from gpt.experiment import (Comparison, aggregate, check_specs, log_table_to_wandb, markdown_table,
+                            parse_controllers, write_tables)
+from runs.common import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from controllers import UserError, make_controller
 from controllers.ppo import read_metadata
+from runs.common import run_cli
 
 BASELINES = ("constant:rate=0.0", "constant:rate=0.1", "constant:rate=0.2", "linear", "exponential", "val_loss")
 
@@ -87,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 
 from controllers import UserError
 from gpt.report import write_report
+from runs.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from controllers import UserError
 from gpt import Diverged, load_checkpoint
 from gpt.config import TrainConfig, add_config_args, config_from_args
 from gpt.experiment import make_trainer, run_name, train_and_save
+from runs.common import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

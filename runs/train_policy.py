@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from controllers import UserError
+from runs.common import run_cli
 
 
 def _f(default: Any, help: str) -> Any:
@@ -133,12 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Run ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

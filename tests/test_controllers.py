@@ -159,7 +159,7 @@ def run_pid(ctrl: PIDController, gaps, every: int = 10, start: int = 0) -> list[
 
 
 def test_pid_before_first_eval_and_stale_evals_hold_output():
-    ctrl = PIDController(bias=0.1, kp=1.0, ki=1.0)
+    ctrl = PIDController(setpoint=0.0, bias=0.1, kp=1.0, ki=1.0)
     assert ctrl.output == 0.1
     first = rate_of(ctrl, stats(0, gap=0.05))
     assert first == pytest.approx(0.1 + 0.05)  # no dt yet: no integral, no derivative
@@ -193,7 +193,7 @@ def test_pid_clamps_to_limits():
 def test_pid_anti_windup_leaves_saturation_when_error_flips():
     # The P term alone stays below max_rate; the I term saturates the output and stays there a long time.
     kp, ki, every, max_rate = 1.0, 5.0, 10, 0.5
-    ctrl = PIDController(kp=kp, ki=ki, kd=0.0, max_rate=max_rate)
+    ctrl = PIDController(setpoint=0.0, kp=kp, ki=ki, kd=0.0, max_rate=max_rate)
     n_high = 80
     outputs = run_pid(ctrl, [0.2] * n_high, every=every)
     assert outputs[-1] == pytest.approx(max_rate)
@@ -210,7 +210,7 @@ def test_pid_anti_windup_leaves_saturation_when_error_flips():
 
 
 def test_pid_integral_frozen_while_saturated_low():
-    ctrl = PIDController(kp=1.0, ki=5.0, min_rate=0.0)
+    ctrl = PIDController(setpoint=0.0, kp=1.0, ki=5.0, min_rate=0.0)
     run_pid(ctrl, [-0.2] * 50)
     assert ctrl.internals()["i"] == 0.0
     assert rate_of(ctrl, stats(500, gap=0.05)) == pytest.approx(0.05 + 5.0 * 0.05 * 0.01)
@@ -240,7 +240,7 @@ def test_pid_derivative_filter_and_first_step():
 
 
 def test_pid_val_slope_signal():
-    ctrl = PIDController(signal="val_slope", kp=0.1, ki=0.0)
+    ctrl = PIDController(signal="val_slope", setpoint=0.0, kp=0.1, ki=0.0)
     rate_of(ctrl, stats(0, val=2.0))
     assert ctrl.internals()["measurement"] == 0.0  # first evaluation: no slope
     rate_of(ctrl, stats(100, val=1.9))
