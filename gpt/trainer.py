@@ -127,7 +127,6 @@ class Trainer:
         self._acc = torch.zeros(3, device=self.device)  # sum of loss, sum of grad norm, steps since last log
         self._ema = torch.zeros((), device=self.device)  # debiased on read
         self._ema_steps = 0
-        self._graphs_at_start = compiled_graphs()
         self._graphs_after_warmup: int | None = None
         self._warm: set[str] = set()
         self._resumed = False
