@@ -12,3 +12,12 @@ def chardata():
     """The real dataset on the CPU, loaded once (DYNDROP_DATA_DIR, the cache, or a download)."""
     from gpt import CharData
     return CharData.load()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """The RL env sets one torch thread per process; give each test module back the setting it found."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

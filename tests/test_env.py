@@ -15,15 +15,6 @@ from controllers.features import FEATURES, Featurizer, action_to_rates
 SHORT = dict(max_iters=40, interval=10, config={"eval_iters": 2})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The env sets one torch thread per process; give later test modules their setting back."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env_cls(chardata):
     import envs

@@ -13,15 +13,6 @@ from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates
 ENV_ARGS = ["--max-iters", "40", "--interval", "10", "--eval-iters", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The env sets one torch thread per process; give later test modules their setting back."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def policy(chardata, tmp_path_factory):
     """Train PPO for 16 env steps (2 envs x 8) on 4-decision episodes; returns the policy's path."""
