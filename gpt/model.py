@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -56,15 +56,17 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = RateDropout()
         self.resid_dropout = RateDropout()
 
-    def forward(self, x: torch.Tensor, p: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: torch.Tensor, pos: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        is_causal = True
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
-            is_causal = T > 1  # a single new query attends to every cached position
-        if self.attn_dropout.training and self.attn_dropout.active:
+            # Decoding: attend over the whole fixed-size cache, masking slots after each query's position.
+            k, v = kv_cache.update(pos, k, v)
+            visible = pos[:, None] >= torch.arange(k.size(2), device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif self.attn_dropout.training and self.attn_dropout.active:
             # The fused kernel only takes a Python-float dropout_p (a recompile per rate), so with
             # attention dropout on we spell attention out; the compiler fuses mask+softmax+dropout.
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -72,7 +74,7 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(att, p) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y), p)
 
@@ -96,26 +98,32 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, p: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), p, kv_cache)
+    def forward(self, x: torch.Tensor, p: torch.Tensor, pos: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), p, pos, kv_cache)
         return x + self.mlp(self.ln_2(x), p)
 
 
-class KVCache:
-    """Keys and values of one layer for incremental decoding, preallocated to ``block_size``."""
+class KVCache(nn.Module):
+    """One layer's keys and values for incremental decoding, preallocated to ``block_size``.
 
-    def __init__(self, batch: int, n_head: int, block_size: int, head_dim: int, like: torch.Tensor) -> None:
+    Shapes never change and the write position is a tensor, so every decoding step is the same graph:
+    a compiled step (CUDA graphs on a GPU) serves every position without recompiling. Slots are zeroed
+    at creation, so masked-out slots hold finite numbers (garbage there could turn into NaN).
+    """
+
+    def __init__(self, batch: int, n_head: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
         shape = (batch, n_head, block_size, head_dim)
-        self.k = torch.empty(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` (B, H, T, D) at positions ``pos`` (T,); return the whole cache."""
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k, self.v
 
 
 class GPT(nn.Module):
@@ -175,15 +183,20 @@ class GPT(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_caches: Sequence[KVCache] | None = None,
+                pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (and the mean cross-entropy if ``targets`` are given) for token ids ``idx`` (B, T).
+
+        Decoding passes one ``KVCache`` per layer and ``pos``, the (T,) positions of ``idx``'s tokens.
+        """
         B, T = idx.shape
-        start = kv_caches[0].length if kv_caches else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} > block size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)
+        if pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} > block size {self.config.block_size}"
+            pos = torch.arange(T, device=idx.device)
         p = self.dropout_rates
         x = self.drop(self.wte(idx) + self.wpe(pos), p[0])
         for i, block in enumerate(self.h):
-            x = block(x, p[i], kv_caches[i] if kv_caches else None)
+            x = block(x, p[i], pos, kv_caches[i] if kv_caches else None)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # inference: only the last position is needed
@@ -191,33 +204,84 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
 
+    # -- sampling ------------------------------------------------------------------------------
+    def new_kv_caches(self, batch: int, dtype: torch.dtype) -> list[KVCache]:
+        cfg = self.config
+        device = self.wte.weight.device
+        return [KVCache(batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, dtype, device)
+                for _ in range(cfg.n_layer)]
+
+    def _decode_step(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache], noise: torch.Tensor,
+                     temperature: float, top_k: int | None) -> torch.Tensor:
+        """Feed ``token`` (B, 1) at position ``pos`` (1,) and pick the next token: one graph when compiled."""
+        logits, _ = self(token, kv_caches=caches, pos=pos)
+        return sample_token(logits[:, -1, :], noise, temperature, top_k)
+
+    def compiled_decode_step(self) -> Any:
+        """``_decode_step`` under torch.compile, built once per model: CUDA graphs on a GPU
+        (mode reduce-overhead), inductor's default on CPU. One graph serves every position."""
+        if getattr(self, "_compiled_decode", None) is None:
+            mode = "reduce-overhead" if self.wte.weight.device.type == "cuda" else "default"
+            self._compiled_decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_decode
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, use_kv_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T). Call in eval mode.
 
-        With ``use_kv_cache`` each step feeds only the newest token; without it, each step re-reads the
-        whole context (nanoGPT's way). Both draw the same random numbers, so they give the same tokens
-        while the sequence fits in ``block_size``.
+        With ``use_kv_cache`` each step feeds only the newest token (``compile``: through the compiled
+        decode step); without it, each step re-reads the whole context (nanoGPT's way). The random
+        numbers are drawn up front from ``generator``, so all ways give the same tokens while the
+        sequence fits in ``block_size``; past it the cache is rebuilt from the last ``block_size - 1`` tokens.
         """
-        cfg = self.config
-        caches = None
-        for _ in range(max_new_tokens):
-            if use_kv_cache and (caches is None or caches[0].length >= cfg.block_size):
-                ctx = idx[:, -cfg.block_size + 1:] if idx.size(1) >= cfg.block_size else idx
-                head_dim = cfg.n_embd // cfg.n_head
-                caches = [KVCache(idx.size(0), cfg.n_head, cfg.block_size, head_dim, self.wte.weight)
-                          for _ in range(cfg.n_layer)]
-                logits, _ = self(ctx, kv_caches=caches)
-            elif use_kv_cache:
-                logits, _ = self(idx[:, -1:], kv_caches=caches)
+        cfg, device = self.config, idx.device
+        B, n = idx.shape
+        out = torch.empty((B, n + max_new_tokens), dtype=idx.dtype, device=device)
+        out[:, :n] = idx
+        noise = torch.empty((max_new_tokens, B, cfg.vocab_size), device=device).exponential_(generator=generator)
+        step = self.compiled_decode_step() if compile else self._decode_step
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.wte.weight.dtype)
+        caches: list[KVCache] | None = None
+        filled = 0  # cache positions in use
+        for t in range(max_new_tokens):
+            if use_kv_cache and caches is not None and filled < cfg.block_size:
+                if compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                nxt = step(nxt.view(B, 1), pos, caches, noise[t], temperature, top_k)
+                pos += 1
+                filled += 1
             else:
-                logits, _ = self(idx[:, -cfg.block_size:])
-            logits = logits[:, -1, :].float() / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
-        return idx
+                if use_kv_cache:  # (re)fill the cache from the context
+                    ctx = out[:, max(0, n - cfg.block_size + 1):n]
+                    if caches is None:
+                        caches = self.new_kv_caches(B, dtype)
+                        for c in caches:  # fixed addresses: CUDA graphs may keep pointing at them
+                            torch._dynamo.mark_static_address(c.k)
+                            torch._dynamo.mark_static_address(c.v)
+                    filled = ctx.size(1)
+                    logits, _ = self(ctx, kv_caches=caches, pos=torch.arange(filled, device=device))
+                    pos = torch.full((1,), filled, device=device)
+                else:
+                    logits, _ = self(out[:, max(0, n - cfg.block_size):n])
+                nxt = sample_token(logits[:, -1, :], noise[t], temperature, top_k)
+            out[:, n] = nxt
+            n += 1
+        return out
+
+
+def sample_token(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+    """One token id per row of ``logits`` (B, vocab), drawn from softmax(logits / temperature).
+
+    ``noise`` (B, vocab) holds Exponential(1) draws: argmax(probs / noise) picks index i with probability
+    probs[i] (the exponential race). Unlike ``torch.multinomial`` it never waits for the GPU and can sit
+    inside a compiled graph, and the same noise gives the same token whichever way the logits were computed.
+    """
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return (F.softmax(logits, dim=-1) / noise).argmax(dim=-1)

@@ -315,6 +315,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         h, cfg = self.history, self.cfg
+        recompiles = self.recompiles  # read first: compiling the decode step below is not a training recompile
         inference = self.measure_inference() if cfg.gen_tokens else math.nan
         return {
             "best_val_loss": h["best_val_loss"], "best_val_iter": h["best_val_iter"],
@@ -323,7 +324,7 @@ class Trainer:
             "total_train_time_s": h["wall_time_s"], "train_loop_time_s": h["train_time_s"],
             "eval_time_s": h["eval_time_s"],
             "train_tokens_per_s": h["tokens"] / h["train_time_s"] if h["train_time_s"] else math.nan,
-            "inference_tokens_per_s": inference, "recompiles": self.recompiles, "iterations": self.iteration,
+            "inference_tokens_per_s": inference, "recompiles": recompiles, "iterations": self.iteration,
             "controller": self.controller.name, "controller_params": self.controller.params(),
             "preset": cfg.preset, "seed": cfg.seed, "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
@@ -332,7 +333,10 @@ class Trainer:
 
     @torch.no_grad()
     def measure_inference(self) -> float:
-        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1, eager model), after a warm-up."""
+        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up.
+
+        The decode step runs eagerly: compiling it (``generate(compile=True)``, measured by the benchmark)
+        would add a compile at the end of every run."""
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)

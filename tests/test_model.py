@@ -3,6 +3,7 @@ import torch
 
 from controllers import UserError
 from gpt import GPT, GPTConfig
+from gpt.model import sample_token
 
 
 def small(n_layer: int = 3) -> GPT:
@@ -74,6 +75,34 @@ def test_kv_cache_generates_the_same_tokens():
     # past the block size the cache is rebuilt from the last block_size-1 tokens: still valid tokens
     c = model.generate(idx, 40, generator=torch.Generator().manual_seed(3), use_kv_cache=True)
     assert c.shape == (2, 41) and int(c.max()) < 11
+
+
+def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once():
+    """The fixed-shape cache and the position tensor make one graph serve every step and every call."""
+    from gpt.trainer import compiled_graphs
+    torch._dynamo.reset()
+    model = small().eval()
+    model.set_dropout(0.1)  # eval mode: no dropout whatever the rate
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    seeded = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    uncached = model.generate(idx, 15, generator=seeded(), use_kv_cache=False)
+    assert torch.equal(model.generate(idx, 15, generator=seeded(), compile=True), uncached)
+    graphs = compiled_graphs()
+    longer = model.generate(idx, 40, generator=seeded(), compile=True)  # new call, past the block size
+    assert torch.equal(longer, model.generate(idx, 40, generator=seeded()))
+    assert compiled_graphs() == graphs
+
+
+def test_top_k_and_temperature_restrict_the_choice():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    noise = torch.empty(1000, 1, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    picks = torch.stack([sample_token(logits, n, top_k=2) for n in noise])
+    assert set(picks.unique().tolist()) == {1, 2}
+    cold = torch.stack([sample_token(logits, n, temperature=1e-3) for n in noise])
+    assert set(cold.unique().tolist()) == {1}
+    hot = torch.stack([sample_token(logits, n) for n in noise]).flatten()
+    expected = torch.softmax(logits[0], 0)[1].item()  # about 0.73
+    assert abs((hot == 1).float().mean().item() - expected) < 0.05
 
 
 def test_rate_change_does_not_recompile():
