@@ -39,8 +39,8 @@ from controllers import Controller, TrainingStats, UserError
 
 from .config import TrainConfig
 from .data import CharData
-from .model import GPT, GPTConfig
-from .trainer import Trainer, seed_everything
+from .model import GPT
+from .trainer import Trainer, model_config, seed_everything
 
 SPLITS = ("train", "val")
 
@@ -87,6 +87,8 @@ class BenchSettings:
     :param gen_tokens: tokens sampled per generation run; capped at ``block_size - 1`` so the cached and
         uncached paths see the same context (and must give the same tokens).
     :param gen_repeats: timed generation runs per mode; the median is reported.
+    :param eval_merge_sweep: after the main measurement, time ``eval_passes`` evaluation passes of ours at
+        each of these ``eval_merge`` values (each new batch shape compiles once, untimed).
     """
 
     iters: int = 200
@@ -98,8 +100,11 @@ class BenchSettings:
     rounds: int = 2
     gen_tokens: int = 256
     gen_repeats: int = 3
+    eval_merge_sweep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(k < 1 for k in self.eval_merge_sweep):
+            raise UserError(f"eval merge values must be at least 1, got {list(self.eval_merge_sweep)}")
         for name in ("iters", "ref_iters", "eval_passes", "ref_eval_passes", "rounds", "gen_tokens", "gen_repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -131,9 +136,7 @@ class ReferenceLoop:
         self.host = {split: getattr(data, split).cpu().numpy().astype(np.uint16) for split in SPLITS}
         self.rng = np.random.default_rng(cfg.seed)
         seed_everything(cfg.seed)
-        mcfg = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
-        self.model = GPT(mcfg).to(device)
+        self.model = GPT(model_config(cfg, data.vocab_size)).to(device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -364,6 +367,13 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
         if i < s.ref_eval_passes:
             ref_eval.append(ref.evaluate())
     recompiles = trainer.recompiles
+    eval_merge, by_merge = trainer.eval_merge, {}
+    for k in s.eval_merge_sweep:
+        log(f"evaluation with {k} batch(es) per pass: {s.eval_passes} timed passes")
+        trainer.eval_merge = k
+        trainer.evaluate()  # compiles this batch shape
+        by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer) for _ in range(s.eval_passes)))
+    trainer.eval_merge = eval_merge
 
     log("checks: rate 0 draws no random numbers; sampling with and without the KV cache")
     x, y = ref.get_batch("train")
@@ -384,11 +394,13 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
         return d
 
     ours = side(ours_ms, ours_eval)
-    ours.update(warmup_s=warmup_s, recompiles=recompiles, compile=trainer.use_compile,
+    ours.update(warmup_s=warmup_s, recompiles=recompiles, compile=trainer.use_compile, eval_merge=eval_merge,
+                eval_pass_ms_by_merge=by_merge, attention_dropout=cfg.attention_dropout,
                 fused_adamw=bool(trainer.optimizer.defaults.get("fused")), data_on_device=True,
                 timing=f"blocks of {block} iteration(s), wall time / iterations; advance() syncs at block ends")
     reference = side(ref_ms, ref_eval)
-    reference.update(warmup_s=ref_warmup_s, recompiles=None, compile=False, fused_adamw=False,
+    reference.update(warmup_s=ref_warmup_s, recompiles=None, compile=False, fused_adamw=False, eval_merge=1,
+                     eval_pass_ms_by_merge={}, attention_dropout=cfg.attention_dropout,
                      data_on_device=False, timing="per iteration (loss.item() syncs every step)")
     ratio_keys = ("ms_per_iter_median", "ms_per_iter_p10", "ms_per_iter_p90", "ms_per_iter_mean",
                   "eval_pass_ms", "protocol_s", "train_tokens_per_s")
@@ -437,7 +449,7 @@ def format_table(result: dict[str, Any]) -> str:
              f"protocol: {result['protocol']['max_iters']} iterations + {result['protocol']['evaluations']} "
              f"evaluations of {result['config']['eval_iters']} batches per split (projected, warm-up excluded); "
              f"dropout alternating {'/'.join(str(r) for r in result['settings']['rates'])} every "
-             f"{result['settings']['block_iters']} iteration(s)",
+             f"{result['settings']['block_iters']} iteration(s); attention dropout {result['config']['attention_dropout']}",
              f"load average (1 min) before/after: {_fmt_load(result['load_average_1min'])} (before = other processes; "
              "well above 0 on a small CPU machine, they distort these timings)",
              f"{'metric':<26}{'ours':>14}{'reference':>14}{'ours/ref':>10}"]
@@ -445,6 +457,10 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{label:<26}{fmt.format(o[key]):>14}{fmt.format(r[key]):>14}{q[key]:>10.2f}")
     lines.append(f"{'warm-up s (compile)':<26}{o['warmup_s']:>14.1f}{r['warmup_s']:>14.1f}")
     lines.append(f"{'recompiles after warm-up':<26}{o['recompiles']:>14d}{'-':>14}")
+    lines.append(f"{'eval batches per pass':<26}{o['eval_merge']:>14d}{r['eval_merge']:>14d}")
+    if o["eval_pass_ms_by_merge"]:
+        lines.append("eval pass ms by batches per pass: " + ", ".join(
+            f"{k}: {v:.1f}" for k, v in o["eval_pass_ms_by_merge"].items()))
     lines.append(f"{'timed iters / eval passes':<26}{str(o['timed_iters']) + ' / ' + str(o['timed_eval_passes']):>14}"
                  f"{str(r['timed_iters']) + ' / ' + str(r['timed_eval_passes']):>14}")
     sm = result["sampling"]

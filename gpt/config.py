@@ -26,6 +26,9 @@ class TrainConfig:
     n_embd: int = _f(128, "embedding width")
     block_size: int = _f(64, "context length in characters")
     bias: bool = _f(False, "biases in Linear and LayerNorm layers")
+    attention_dropout: str = _f("manual", "how attention-weight dropout runs: manual (attention written out, "
+                                          "one compiled graph) or fused (the fused kernel's own dropout, run "
+                                          "eagerly: a graph break per layer under torch.compile)")
     # optimisation (nanoGPT's recipe)
     batch_size: int = _f(12, "sequences per optimizer step")
     max_iters: int = _f(2000, "optimizer steps in the run")
@@ -40,6 +43,8 @@ class TrainConfig:
     # evaluation, control, logging
     eval_interval: int = _f(100, "evaluate every this many steps (and at the first and last step)")
     eval_iters: int = _f(20, "batches per split in one evaluation (a fixed set per seed)")
+    eval_merge: int = _f(4, "evaluation batches scored per forward pass (the same batches and the same "
+                            "mean loss, in fewer, larger passes)")
     control_interval: int = _f(0, "ask the controller for a new rate every this many steps; 0 = at every evaluation")
     log_interval: int = _f(10, "steps between training-loss logs (each one host sync)")
     gen_tokens: int = _f(256, "characters sampled after training to measure inference speed; 0 = skip")
@@ -67,6 +72,10 @@ class TrainConfig:
                      "eval_iters", "control_interval", "log_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.attention_dropout not in ("manual", "fused"):
+            raise UserError(f"--attention-dropout must be manual or fused, not {self.attention_dropout!r}")
+        if self.eval_merge < 1:
+            raise UserError(f"eval_merge must be at least 1, got {self.eval_merge}")
         if self.max_iters < 0:
             raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
         if self.n_embd % self.n_head:

@@ -27,6 +27,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     bias: bool = False  # nanoGPT's shakespeare_char config uses no biases
+    fused_attention_dropout: bool = False  # see CausalSelfAttention: the fused kernel's dropout, run eagerly
 
 
 class RateDropout(nn.Module):
@@ -38,6 +39,7 @@ class RateDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.active = False
+        self.rate = 0.0  # the buffer's value as a Python float, for the fused attention kernel only
 
     def forward(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.active):
@@ -51,6 +53,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
+        self.fused_dropout = cfg.fused_attention_dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = RateDropout()
@@ -66,6 +69,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(pos, k, v)
             visible = pos[:, None] >= torch.arange(k.size(2), device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif self.attn_dropout.training and self.attn_dropout.active and self.fused_dropout:
+            y = fused_attention_with_dropout(q, k, v, self.attn_dropout)
         elif self.attn_dropout.training and self.attn_dropout.active:
             # The fused kernel only takes a Python-float dropout_p (a recompile per rate), so with
             # attention dropout on we spell attention out; the compiler fuses mask+softmax+dropout.
@@ -77,6 +82,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y), p)
+
+
+@torch.compiler.disable
+def fused_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 dropout: RateDropout) -> torch.Tensor:
+    """Causal attention with the fused kernel's own dropout at ``dropout.rate``.
+
+    The kernel takes the rate as a Python float, which a compiled graph would bake in (a recompile per
+    rate), so this call always runs eagerly: under torch.compile, a graph break per layer is the price of
+    never materialising the (T, T) attention weights.
+    """
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.rate, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -170,10 +187,10 @@ class GPT(nn.Module):
         else:
             for i, r in enumerate(rates):
                 self.dropout_rates[i].fill_(r)
-        self.drop.active = rates[0] > 0
+        self.drop.active, self.drop.rate = rates[0] > 0, rates[0]
         for r, block in zip(rates, self.h):
             for m in (block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout):
-                m.active = r > 0
+                m.active, m.rate = r > 0, r
         self._rates = rates
         return rates
 

@@ -53,6 +53,12 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model a run's settings describe."""
+    return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, bias=cfg.bias, fused_attention_dropout=cfg.attention_dropout == "fused")
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside ``path``, then rename: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -100,9 +106,7 @@ class Trainer:
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
 
         seed_everything(cfg.seed)
-        mcfg = GPTConfig(block_size=cfg.block_size, vocab_size=self.data.vocab_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
-        self.model = GPT(mcfg).to(self.device)
+        self.model = GPT(model_config(cfg, self.data.vocab_size)).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -110,7 +114,9 @@ class Trainer:
             lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if self.use_compile else self.model
+        # dynamic=False: training and (merged) evaluation batches get graphs specialised to their shapes
+        self.fwd = (torch.compile(self.model, mode=cfg.compile_mode, dynamic=False) if self.use_compile
+                    else self.model)
 
         self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
         # Evaluation batches come from their own seed stream, so they never depend on training.
@@ -118,6 +124,7 @@ class Trainer:
             split: fixed_eval_batches(getattr(self.data, split), cfg.block_size, cfg.batch_size,
                                       cfg.eval_iters, seed=cfg.seed + 10_000 + i)
             for i, split in enumerate(("train", "val"))}
+        self.eval_merge = cfg.eval_merge
 
         self.iteration = 0
         self.history: dict[str, Any] = dict(best_val_loss=math.inf, best_val_iter=0, eval_train_loss=math.nan,
@@ -153,16 +160,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed evaluation batches of each split, dropout off. One host sync."""
+        """Mean loss over the fixed evaluation batches of each split, dropout off. One host sync.
+
+        ``eval_merge`` batches go through the model together: the same tokens, the same mean."""
         t0 = time.perf_counter()
         self.model.eval()
         means = []
+        k = self.eval_merge
         for split in ("train", "val"):
             xs, ys = self.eval_batches[split]
             total = torch.zeros((), device=self.device)
-            for x, y in zip(xs, ys):
+            for i in range(0, len(xs), k):  # k batches as one pass: weight its mean by its batch count
+                x, y = xs[i:i + k].flatten(0, 1), ys[i:i + k].flatten(0, 1)
                 with self.autocast:
-                    total += self.fwd(x, y)[1]
+                    total += self.fwd(x, y)[1] * (x.size(0) / xs.size(1))
             means.append(total / len(xs))
         self.model.train()
         self._note_warmup("eval")

@@ -41,11 +41,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-repeats", type=int, default=3, help="timed generation runs per mode (median reported)")
     p.add_argument("--rates", default="0.1,0.2", metavar="LOW,HIGH",
                    help="dropout rates alternated at every control step; 0,0 = no dropout (fused attention)")
+    p.add_argument("--eval-merge-sweep", default="", metavar="K,K,...",
+                   help="also time evaluation passes at each of these batches-per-pass values")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads); default torch's own choice")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result here")
     add_config_args(p, skip=("preset", "out", "checkpoint", "progress", "wandb", "wandb_project", "wandb_group"))
     return p.parse_args(argv)
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} must be whole numbers separated by commas; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_passes=args.eval_passes,
         ref_eval_passes=args.ref_eval_passes if args.ref_eval_passes is not None else args.eval_passes,
         untimed_iters=args.untimed_iters, block_iters=args.block_iters, rounds=args.rounds,
-        gen_tokens=cfg.gen_tokens or 256, gen_repeats=args.gen_repeats)
+        gen_tokens=cfg.gen_tokens or 256, gen_repeats=args.gen_repeats,
+        eval_merge_sweep=parse_ints(args.eval_merge_sweep, "--eval-merge-sweep"))
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")

@@ -14,7 +14,7 @@ from runs.bench import cli
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--iters", "6", "--ref-iters", "4", "--eval-passes", "2",
         "--ref-eval-passes", "1", "--untimed-iters", "2", "--rounds", "2", "--eval-iters", "2",
-        "--gen-tokens", "12", "--gen-repeats", "1"]
+        "--gen-tokens", "12", "--gen-repeats", "1", "--eval-merge-sweep", "1,2"]
 TIMED = ("ms_per_iter_median", "ms_per_iter_p10", "ms_per_iter_p90", "ms_per_iter_mean", "eval_pass_ms",
          "protocol_s", "train_tokens_per_s")
 
@@ -44,6 +44,9 @@ def test_json_has_every_field_as_a_finite_positive_number(result):
         assert key in result, key
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["dtype"] == "float32"
     assert result["cpu_threads"] == 1
+    assert result["ours"]["eval_merge"] == 4  # the default
+    by_merge = result["ours"]["eval_pass_ms_by_merge"]
+    assert set(by_merge) == {"1", "2"} and all(math.isfinite(v) and v > 0 for v in by_merge.values())
     assert result["protocol"] == {**result["protocol"], "max_iters": 300, "evaluations": 13, "projected": True}
 
 

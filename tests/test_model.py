@@ -3,12 +3,13 @@ import torch
 
 from controllers import UserError
 from gpt import GPT, GPTConfig
-from gpt.model import sample_token
+from gpt.model import fused_attention_with_dropout, sample_token
 
 
-def small(n_layer: int = 3) -> GPT:
+def small(n_layer: int = 3, fused: bool = False) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=n_layer, n_head=2, n_embd=16))
+    return GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=n_layer, n_head=2, n_embd=16,
+                         fused_attention_dropout=fused))
 
 
 def batch():
@@ -105,17 +106,30 @@ def test_top_k_and_temperature_restrict_the_choice():
     assert abs((hot == 1).float().mean().item() - expected) < 0.05
 
 
-def test_rate_change_does_not_recompile():
-    """Changing a non-zero rate only rewrites a buffer: the compiled graph is reused."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_rate_change_does_not_recompile(fused):
+    """Changing a non-zero rate only rewrites a buffer (and, fused, a float read outside the graph)."""
     from gpt.trainer import compiled_graphs
     torch._dynamo.reset()
-    model, (x, y) = small(2), batch()
+    model, (x, y) = small(2, fused=fused), batch()
     model.train()
     fwd = torch.compile(model, backend="aot_eager")
     model.set_dropout(0.1)
-    fwd(x, y)
+    fwd(x, y)[1].backward()
     graphs = compiled_graphs()
     for p in (0.2, 0.05, 0.4, [0.1, 0.3]):
         model.set_dropout(p)
-        fwd(x, y)
+        fwd(x, y)[1].backward()
     assert compiled_graphs() == graphs
+
+
+def test_fused_attention_dropout_drops_at_the_set_rate():
+    """At rate p the fused path keeps about 1 - p of each query's attention mass (rescaled by 1/(1-p))."""
+    model = small(1, fused=True).train()
+    q = k = torch.zeros(1, 1, 400, 8)  # equal attention weights over the visible keys
+    v = torch.ones(1, 1, 400, 8)
+    for p in (0.1, 0.5):
+        model.set_dropout(p)
+        y = fused_attention_with_dropout(q, k, v, model.h[0].attn.attn_dropout)
+        kept = (y[0, 0, 200:, 0] * (1 - p)).mean().item()  # queries seeing >= 200 keys: little noise
+        assert abs(kept - (1 - p)) < 0.02, (p, kept)
