@@ -5,13 +5,16 @@ Read ``Trainer.train`` top to bottom: evaluate -> control -> checkpoint -> train
 environment can drive the same loop one control interval at a time.
 
 Speed rules: batches are sampled on the device, losses and gradient norms accumulate on the device
-and are read once per log interval, the dropout rate lives in a buffer (no recompiles).
+and are read once per log interval, the dropout rate lives in a buffer (no recompiles), checkpoints
+are written by a background thread from a host snapshot.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import shutil
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -67,6 +70,71 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically: a hard link (no bytes written) where the filesystem
+    has them, else a copy. Replacing ``src`` later (``atomic_save`` renames) leaves ``dst`` as it was."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (nested dicts, lists and tuples): a snapshot that
+    training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, each atomically.
+
+    ``save`` copies the state to host memory (the only part the training loop waits for: ~0.1 s for the
+    paper model on a CPU, against ~0.3 s to write it) and returns; the file then holds the state of the
+    moment ``save`` was called. ``wait`` blocks until the last file is complete and re-raises a failed
+    write, so a run never ends with a checkpoint still in flight.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], path: Path, also: Path | None = None) -> None:
+        """Write ``state`` to ``path`` and, if given, make ``also`` the same file (``link_or_copy``)."""
+        self.wait()
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, path, also),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any], path: Path, also: Path | None) -> None:
+        try:
+            atomic_save(snapshot, path)
+            if also is not None:
+                link_or_copy(path, also)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -137,6 +205,7 @@ class Trainer:
         self._graphs_after_warmup: int | None = None
         self._warm: set[str] = set()
         self._resumed = False
+        self.checkpoints = CheckpointWriter()
         controller.reset(cfg.n_layer)
         self.set_dropout(0.0)
 
@@ -310,9 +379,7 @@ class Trainer:
                         self.control()
                     self.history["wall_time_s"] = time.perf_counter() - t_start
                     if is_eval and cfg.checkpoint:
-                        self.save_checkpoint("last")
-                        if result["improved"]:
-                            self.save_checkpoint("best")
+                        self.save_checkpoint(best=result["improved"])
                 if it >= cfg.max_iters:
                     break
                 next_stop = min(cfg.max_iters, (it // cfg.eval_interval + 1) * cfg.eval_interval,
@@ -321,6 +388,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.checkpoints.wait()
         self.history["wall_time_s"] = time.perf_counter() - t_start
         return self.summary()
 
@@ -380,9 +448,14 @@ class Trainer:
                     "numpy_pos": int(np.random.get_state()[2])},
         }
 
-    def save_checkpoint(self, tag: str) -> Path:
-        path = Path(self.cfg.out) / f"ckpt_{tag}.pt"
-        atomic_save(self.state_dict(), path)
+    def save_checkpoint(self, best: bool = False, wait: bool = False) -> Path:
+        """Write ``ckpt_last.pt`` (and ``ckpt_best.pt`` as the same file if ``best``) in the background;
+        ``wait``: return only once it is on disk. Returns the path of ``ckpt_last.pt``."""
+        out = Path(self.cfg.out)
+        path = out / "ckpt_last.pt"
+        self.checkpoints.save(self.state_dict(), path, also=out / "ckpt_best.pt" if best else None)
+        if wait:
+            self.checkpoints.wait()
         return path
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from controllers import Controller, make_controller
 from gpt import Trainer, make_config
-from gpt.trainer import Diverged
+from gpt.trainer import Diverged, load_checkpoint
 from runs.train import cli
 
 SHORT = ["--preset", "tiny", "--max-iters", "40", "--eval-interval", "10", "--eval-iters", "2",
@@ -72,6 +72,49 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a["final_rates"] == b["final_rates"]
     strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
     assert strip(read_metrics(full)) == strip(read_metrics(part))  # the same history, no duplicates
+
+
+def test_checkpoint_holds_the_state_of_the_moment_it_was_saved(chardata, tmp_path, monkeypatch):
+    """The background writer saves a snapshot: training on while the file is written changes nothing in it."""
+    import threading
+
+    import gpt.trainer
+    go, real_save = threading.Event(), gpt.trainer.atomic_save
+
+    def held_save(obj, path):  # the write starts only once training has moved on
+        assert go.wait(timeout=60)
+        real_save(obj, path)
+
+    monkeypatch.setattr(gpt.trainer, "atomic_save", held_save)
+    cfg = make_config("tiny", eval_iters=1, gen_tokens=0, progress=False, out=str(tmp_path))
+    trainer = Trainer(cfg, make_controller("constant:rate=0.1"), data=chardata)
+    trainer.advance(5)
+    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    last = trainer.save_checkpoint(best=True)
+    trainer.advance(5)
+    go.set()
+    trainer.checkpoints.wait()
+    for path in (last, tmp_path / "ckpt_best.pt"):
+        ckpt = load_checkpoint(path)
+        assert ckpt["iteration"] == 5 and ckpt["optimizer"]["state"][0]["step"].item() == 5
+        assert all(torch.equal(ckpt["model"][k], v) for k, v in expected.items())
+    trainer.advance(1)
+    trainer.save_checkpoint(wait=True)  # a new last; best stays the iteration-5 file
+    assert load_checkpoint(last)["iteration"] == 11
+    assert load_checkpoint(tmp_path / "ckpt_best.pt")["iteration"] == 5
+
+
+def test_a_failed_checkpoint_write_is_raised(chardata, tmp_path, monkeypatch):
+    import gpt.trainer
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gpt.trainer, "atomic_save", full_disk)
+    cfg = make_config("tiny", eval_iters=1, gen_tokens=0, progress=False, out=str(tmp_path))
+    trainer = Trainer(cfg, make_controller("constant"), data=chardata)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint(wait=True)
 
 
 class Flipper(Controller):
