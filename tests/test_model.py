@@ -3,7 +3,7 @@ import torch
 
 from controllers import UserError
 from gpt import GPT, GPTConfig
-from gpt.model import fused_attention_with_dropout, sample_token
+from gpt.model import dropout_cpu, fused_attention_with_dropout, sample_token
 
 
 def small(n_layer: int = 3, fused: bool = False) -> GPT:
@@ -59,6 +59,21 @@ def test_per_layer_rates_go_to_their_layers():
     assert not model.h[2].attn.resid_dropout.active
     model.train()
     assert not torch.equal(model(x, y)[1], model(x, y)[1])
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3, 0.9, 0.99999])
+def test_cpu_dropout_drops_at_the_rate_and_keeps_the_mean(rate):
+    torch.manual_seed(0)
+    x = torch.ones(400_001)  # odd size: the last 32-bit draw is half used
+    y = dropout_cpu(x, torch.tensor(rate))
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - rate) < 0.004
+    assert abs(y.mean().item() - 1) < 5 * (rate / (1 - rate) / len(x)) ** 0.5  # 5 standard deviations
+    assert len(y.unique()) == 2  # 0 and the one scale
+    x2 = torch.randn(3, 5, 7).transpose(0, 2)  # non-contiguous input keeps its shape and values where kept
+    y2 = dropout_cpu(x2, torch.tensor(0.5))
+    kept = y2 != 0
+    assert y2.shape == x2.shape and torch.allclose(y2[kept], x2[kept] * 2)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), [0.1, 0.2]])
