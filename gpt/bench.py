@@ -264,9 +264,8 @@ def rate_zero_draws_no_random(model: GPT, x: torch.Tensor, y: torch.Tensor) -> b
     return untouched and drew
 
 
-@torch.no_grad()
-def measure_sampling(model: GPT, device: torch.device, dtype: torch.dtype, n_tokens: int, seed: int,
-                     repeats: int, compile: bool = False) -> dict[str, Any]:
+def measure_sampling(model: GPT, device: torch.device, n_tokens: int, seed: int, repeats: int,
+                     compile: bool = False) -> dict[str, Any]:
     """Tokens/s of ``generate`` with and without the KV cache (batch 1), and whether the tokens agree.
 
     Three ways: no cache (the whole context every step), the KV cache stepped eagerly, and, with
@@ -276,35 +275,30 @@ def measure_sampling(model: GPT, device: torch.device, dtype: torch.dtype, n_tok
     must keep the sequence within ``block_size``.
     """
     assert n_tokens + 1 <= model.config.block_size
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    was_training = model.training
-    model.eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     ways = {"no_cache": dict(use_kv_cache=False), "kv_cache_eager": dict(use_kv_cache=True)}
     if compile:
         ways["kv_cache_compiled"] = dict(use_kv_cache=True, compile=True)
     out: dict[str, torch.Tensor] = {}
     rate: dict[str, float] = {}
-    with autocast:
-        for name, kwargs in ways.items():
-            # warm-up at the timed length: compiles, records CUDA graphs, grows the allocator
-            model.generate(prompt, n_tokens, **kwargs)
-            times = []
-            for _ in range(repeats):
-                gen = torch.Generator(device=device).manual_seed(seed)
-                sync(device)
-                t0 = time.perf_counter()
-                out[name] = model.generate(prompt, n_tokens, generator=gen, **kwargs)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            rate[name] = n_tokens / statistics.median(times)
-    model.train(was_training)
+    for name, kwargs in ways.items():
+        # warm-up at the timed length: compiles, records CUDA graphs, grows the allocator
+        model.generate(prompt, n_tokens, **kwargs)
+        times = []
+        for _ in range(repeats):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            sync(device)
+            t0 = time.perf_counter()
+            out[name] = model.generate(prompt, n_tokens, generator=gen, **kwargs)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        rate[name] = n_tokens / statistics.median(times)
     cached = "kv_cache_compiled" if compile else "kv_cache_eager"
     differ = torch.stack([out[name] != out["no_cache"] for name in ways]).any(0).flatten().nonzero()
     return {"tokens": n_tokens, "repeats": repeats, "kv_cache_tokens_per_s": rate[cached],
             "no_cache_tokens_per_s": rate["no_cache"], "ratio": rate[cached] / rate["no_cache"],
             "kv_cache_eager_tokens_per_s": rate["kv_cache_eager"], "kv_cache_compiled": compile,
-            "identical": bool(len(differ) == 0),
+            "dtype": "float32", "identical": bool(len(differ) == 0),
             "first_mismatch": int(differ[0]) - prompt.size(1) if len(differ) else None}
 
 
@@ -379,8 +373,7 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
     x, y = ref.get_batch("train")
     rate0_ok = rate_zero_draws_no_random(ref.model, x, y)
     n_tokens = min(s.gen_tokens, cfg.block_size - 1)
-    sampling = measure_sampling(trainer.model, device, dtype, n_tokens, cfg.seed, s.gen_repeats,
-                                compile=trainer.use_compile)
+    sampling = measure_sampling(trainer.model, device, n_tokens, cfg.seed, s.gen_repeats, compile=trainer.use_compile)
 
     n_evals = protocol_evaluations(cfg)
     tokens_per_iter = cfg.batch_size * cfg.block_size
@@ -464,7 +457,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'timed iters / eval passes':<26}{str(o['timed_iters']) + ' / ' + str(o['timed_eval_passes']):>14}"
                  f"{str(r['timed_iters']) + ' / ' + str(r['timed_eval_passes']):>14}")
     sm = result["sampling"]
-    lines.append(f"sampling {sm['tokens']} tokens (batch 1, median of {sm['repeats']}): KV cache "
+    lines.append(f"sampling {sm['tokens']} tokens (batch 1, float32, median of {sm['repeats']}): KV cache "
                  f"{'(compiled decode step) ' if sm['kv_cache_compiled'] else ''}{sm['kv_cache_tokens_per_s']:,.0f} tok/s "
                  f"(eager {sm['kv_cache_eager_tokens_per_s']:,.0f}), no cache {sm['no_cache_tokens_per_s']:,.0f} tok/s, "
                  f"ratio {sm['ratio']:.2f}, identical tokens: {'yes' if sm['identical'] else 'NO (first differs at ' + str(sm['first_mismatch']) + ')'}")

@@ -265,21 +265,31 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T). Call in eval mode.
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T), in eval mode and float32.
 
         With ``use_kv_cache`` each step feeds only the newest token (``compile``: through the compiled
         decode step); without it, each step re-reads the whole context (nanoGPT's way). The random
         numbers are drawn up front from ``generator``, so all ways give the same tokens while the
-        sequence fits in ``block_size``; past it the cache is rebuilt from the last ``block_size - 1`` tokens.
+        sequence fits in ``block_size``; past it the cache is rebuilt from the last ``block_size - 1``
+        tokens. Autocast is off in here: decoding a few sequences is bound by kernel launches, not by
+        arithmetic, and float32 logits keep the ways in agreement token for token.
         """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.autocast(idx.device.type, enabled=False):
+                return self._generate(idx, max_new_tokens, temperature, top_k, use_kv_cache, generator, compile)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  use_kv_cache: bool, generator: torch.Generator | None, compile: bool) -> torch.Tensor:
         cfg, device = self.config, idx.device
         B, n = idx.shape
         out = torch.empty((B, n + max_new_tokens), dtype=idx.dtype, device=device)
         out[:, :n] = idx
         noise = torch.empty((max_new_tokens, B, cfg.vocab_size), device=device).exponential_(generator=generator)
         step = self.compiled_decode_step() if compile else self._decode_step
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else self.wte.weight.dtype)
         caches: list[KVCache] | None = None
         filled = 0  # cache positions in use
         for t in range(max_new_tokens):
@@ -293,7 +303,7 @@ class GPT(nn.Module):
                 if use_kv_cache:  # (re)fill the cache from the context
                     ctx = out[:, max(0, n - cfg.block_size + 1):n]
                     if caches is None:
-                        caches = self.new_kv_caches(B, dtype)
+                        caches = self.new_kv_caches(B, self.wte.weight.dtype)
                         for c in caches:  # fixed addresses: CUDA graphs may keep pointing at them
                             torch._dynamo.mark_static_address(c.k)
                             torch._dynamo.mark_static_address(c.v)

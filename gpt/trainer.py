@@ -410,25 +410,21 @@ class Trainer:
             "compile": self.use_compile, "torch": torch.__version__, "final_rates": list(self.model.rates),
         }
 
-    @torch.no_grad()
     def measure_inference(self) -> float:
         """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up.
 
         The decode step runs eagerly: compiling it (``generate(compile=True)``, measured by the benchmark)
         would add a compile at the end of every run."""
-        self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        with self.autocast:
-            # Warm-up over the same length: the first call at each new shape pays one-off costs
-            # (kernel selection, allocator growth) that are not the model's speed.
-            self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-            self._sync()
-            t0 = time.perf_counter()
-            out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-            self._sync()
+        # Warm-up over the same length: the first call at each new shape pays one-off costs
+        # (kernel selection, allocator growth) that are not the model's speed.
+        self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
+        self._sync()
         dt = time.perf_counter() - t0
-        self.model.train()
         self.sample = self.data.decode(out[0].tolist())
         return self.cfg.gen_tokens / dt
 

@@ -83,11 +83,14 @@ def test_bad_rates_are_rejected(bad):
 
 
 def test_kv_cache_generates_the_same_tokens():
-    model = small().eval()
+    model = small().train()
+    model.set_dropout(0.3)  # generate() samples in eval mode whatever the caller's mode, then restores it
     idx = torch.zeros((2, 1), dtype=torch.long)
     a = model.generate(idx, 15, generator=torch.Generator().manual_seed(3), use_kv_cache=True)
     b = model.generate(idx, 15, generator=torch.Generator().manual_seed(3), use_kv_cache=False)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and model.training
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and in float32 under autocast
+        assert torch.equal(model.generate(idx, 15, generator=torch.Generator().manual_seed(3)), a)
     # past the block size the cache is rebuilt from the last block_size-1 tokens: still valid tokens
     c = model.generate(idx, 40, generator=torch.Generator().manual_seed(3), use_kv_cache=True)
     assert c.shape == (2, 41) and int(c.max()) < 11
