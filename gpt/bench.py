@@ -87,6 +87,7 @@ class BenchSettings:
     :param gen_tokens: tokens sampled per generation run; capped at ``block_size - 1`` so the cached and
         uncached paths see the same context (and must give the same tokens).
     :param gen_repeats: timed generation runs per mode; the median is reported.
+    :param sampling: measure sampling with and without the KV cache (off: ``result["sampling"]`` is None).
     :param eval_merge_sweep: after the main measurement, time ``eval_passes`` evaluation passes of ours at
         each of these ``eval_merge`` values (each new batch shape compiles once, untimed).
     """
@@ -100,6 +101,7 @@ class BenchSettings:
     rounds: int = 2
     gen_tokens: int = 256
     gen_repeats: int = 3
+    sampling: bool = True
     eval_merge_sweep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -369,11 +371,12 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
         by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer) for _ in range(s.eval_passes)))
     trainer.eval_merge = eval_merge
 
-    log("checks: rate 0 draws no random numbers; sampling with and without the KV cache")
+    log("checks: rate 0 draws no random numbers" + ("; sampling with and without the KV cache" if s.sampling else ""))
     x, y = ref.get_batch("train")
     rate0_ok = rate_zero_draws_no_random(ref.model, x, y)
     n_tokens = min(s.gen_tokens, cfg.block_size - 1)
-    sampling = measure_sampling(trainer.model, device, n_tokens, cfg.seed, s.gen_repeats, compile=trainer.use_compile)
+    sampling = (measure_sampling(trainer.model, device, n_tokens, cfg.seed, s.gen_repeats, compile=trainer.use_compile)
+                if s.sampling else None)
 
     n_evals = protocol_evaluations(cfg)
     tokens_per_iter = cfg.batch_size * cfg.block_size
@@ -457,10 +460,14 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'timed iters / eval passes':<26}{str(o['timed_iters']) + ' / ' + str(o['timed_eval_passes']):>14}"
                  f"{str(r['timed_iters']) + ' / ' + str(r['timed_eval_passes']):>14}")
     sm = result["sampling"]
-    lines.append(f"sampling {sm['tokens']} tokens (batch 1, float32, median of {sm['repeats']}): KV cache "
-                 f"{'(compiled decode step) ' if sm['kv_cache_compiled'] else ''}{sm['kv_cache_tokens_per_s']:,.0f} tok/s "
-                 f"(eager {sm['kv_cache_eager_tokens_per_s']:,.0f}), no cache {sm['no_cache_tokens_per_s']:,.0f} tok/s, "
-                 f"ratio {sm['ratio']:.2f}, identical tokens: {'yes' if sm['identical'] else 'NO (first differs at ' + str(sm['first_mismatch']) + ')'}")
+    if sm is None:
+        lines.append("sampling: not measured (--no-sampling)")
+    else:
+        same = "yes" if sm["identical"] else f"NO (first differs at {sm['first_mismatch']})"
+        lines.append(f"sampling {sm['tokens']} tokens (batch 1, float32, median of {sm['repeats']}): KV cache "
+                     f"{'(compiled decode step) ' if sm['kv_cache_compiled'] else ''}"
+                     f"{sm['kv_cache_tokens_per_s']:,.0f} tok/s (eager {sm['kv_cache_eager_tokens_per_s']:,.0f}), "
+                     f"no cache {sm['no_cache_tokens_per_s']:,.0f} tok/s, ratio {sm['ratio']:.2f}, identical tokens: {same}")
     lines.append(f"rate 0 draws no random numbers (eager model): {'yes' if result['rate0_draws_no_random'] else 'NO'}")
     lines.append(f"timing: ours {o['timing']}; reference {r['timing']}")
     return "\n".join(lines)

@@ -111,3 +111,13 @@ def test_bench_and_train_commands_import_no_rl_or_tracking_packages():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'wandb', 'gymnasium', 'stable_baselines3'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_sampling_can_be_skipped(tmp_path):
+    path = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        assert cli([*TINY, "--threads", "1", "--no-sampling", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(path.read_text())["sampling"] is None
