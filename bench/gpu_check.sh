@@ -96,9 +96,10 @@ if ! grep -q "^step torch-and-compile: exit 0 " "$STEPS"; then
 fi
 
 # 1. the benchmark as a run is configured: ours vs the plain reference, one process; sampling with and
-# without the KV cache (compiled decode step); evaluation at 1 and 10 batches per pass besides the default
+# without the KV cache (compiled decode step); evaluation at 1 and 10 batches per pass besides the default;
+# a profile of 50 iterations (top kernels, and how busy the GPU was)
 step bench 200 env TORCH_LOGS=perf_hints "$PY" -m runs.bench --preset "$PRESET" --json "$OUT/bench_$PRESET.json" \
-  --eval-merge-sweep 1,10 $BENCH_ARGS $COMPILE_FLAG 2>&1 | tee "$OUT/bench_$PRESET.log"
+  --eval-merge-sweep 1,10 --profile-iters 50 $BENCH_ARGS $COMPILE_FLAG 2>&1 | tee "$OUT/bench_$PRESET.log"
 
 # 2. the full run of the protocol under compile mode MODE, checkpoints on as in any run (nanoGPT's
 # train.py: best val ~1.47 in ~174 s on an H100); does it converge as the default mode did (1.4714)?
@@ -117,7 +118,7 @@ if [ -z "$COMPILE_FLAG" ]; then
     NAME="bench_${PRESET}_$MODE"; [ "$ATT" = fused ] && NAME="${NAME}_fused"
     step "bench-$MODE-$ATT" 150 env TORCH_LOGS=perf_hints "$PY" -m runs.bench --preset "$PRESET" --compile-mode "$MODE" \
       --attention-dropout "$ATT" --json "$OUT/$NAME.json" $BENCH_ARGS --ref-iters 50 --ref-eval-passes 1 \
-      --no-sampling 2>&1 | tee -a "$OUT/bench_$PRESET.log"
+      --no-sampling --profile-iters 50 2>&1 | tee -a "$OUT/bench_$PRESET.log"
   done
 fi
 

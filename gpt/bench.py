@@ -88,6 +88,8 @@ class BenchSettings:
         uncached paths see the same context (and must give the same tokens).
     :param gen_repeats: timed generation runs per mode; the median is reported.
     :param sampling: measure sampling with and without the KV cache (off: ``result["sampling"]`` is None).
+    :param profile_iters: after the timing, run this many iterations of ours under ``torch.profiler``
+        (rounded up to whole blocks) and report the top operations and, on CUDA, how busy the GPU was.
     :param eval_merge_sweep: after the main measurement, time ``eval_passes`` evaluation passes of ours at
         each of these ``eval_merge`` values (each new batch shape compiles once, untimed).
     """
@@ -102,9 +104,12 @@ class BenchSettings:
     gen_tokens: int = 256
     gen_repeats: int = 3
     sampling: bool = True
+    profile_iters: int = 0
     eval_merge_sweep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.profile_iters < 0:
+            raise UserError(f"profile_iters must be >= 0 (0 = no profile), got {self.profile_iters}")
         if any(k < 1 for k in self.eval_merge_sweep):
             raise UserError(f"eval merge values must be at least 1, got {list(self.eval_merge_sweep)}")
         for name in ("iters", "ref_iters", "eval_passes", "ref_eval_passes", "rounds", "gen_tokens", "gen_repeats"):
@@ -217,6 +222,32 @@ def time_ours_blocks(trainer: Trainer, n_blocks: int, block_iters: int) -> list[
         trainer.advance(block_iters)
         times.append((time.perf_counter() - t0) * 1e3 / block_iters)
     return times
+
+
+def profile_ours(trainer: Trainer, n_blocks: int, block_iters: int, rows: int = 25) -> dict[str, Any]:
+    """``n_blocks`` control steps of ``block_iters`` iterations under ``torch.profiler``.
+
+    Returns the top ``rows`` operations by self time on the device (CUDA) or the CPU, as the profiler's
+    text table, and on CUDA the share of the wall time some kernel ran (``device_busy_share``; well below
+    1 means the loop waits on the host: Python, launches, syncs). The profiler adds host overhead, so the
+    share is a lower bound.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    trainer._sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        time_ours_blocks(trainer, n_blocks, block_iters)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)) / 1e3
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {"iters": n_blocks * block_iters, "wall_ms": wall_ms,
+            "device_busy_share": busy_ms / wall_ms if cuda else None,
+            "table": events.table(sort_by=sort, row_limit=rows, max_name_column_width=60)}
 
 
 def time_ours_eval(trainer: Trainer) -> float:
@@ -363,6 +394,10 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
         if i < s.ref_eval_passes:
             ref_eval.append(ref.evaluate())
     recompiles = trainer.recompiles
+    profiled = None
+    if s.profile_iters:
+        log(f"profiling {math.ceil(s.profile_iters / block) * block} iterations of ours")
+        profiled = profile_ours(trainer, math.ceil(s.profile_iters / block), block)
     eval_merge, by_merge = trainer.eval_merge, {}
     for k in s.eval_merge_sweep:
         log(f"evaluation with {k} batch(es) per pass: {s.eval_passes} timed passes")
@@ -418,6 +453,7 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
         "ratio": {k: ours[k] / reference[k] for k in ratio_keys},
         "rate0_draws_no_random": rate0_ok,
         "sampling": sampling,
+        "profile": profiled,
     }
 
 
@@ -468,6 +504,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{'(compiled decode step) ' if sm['kv_cache_compiled'] else ''}"
                      f"{sm['kv_cache_tokens_per_s']:,.0f} tok/s (eager {sm['kv_cache_eager_tokens_per_s']:,.0f}), "
                      f"no cache {sm['no_cache_tokens_per_s']:,.0f} tok/s, ratio {sm['ratio']:.2f}, identical tokens: {same}")
+    prof = result["profile"]
+    if prof is not None:
+        busy = prof["device_busy_share"]
+        lines.append(f"profile of ours, {prof['iters']} iterations in {prof['wall_ms']:.0f} ms under the profiler"
+                     + (f"; the GPU was busy {busy:.0%} of that time" if busy is not None else "") + ":")
+        lines.append(prof["table"].rstrip())
     lines.append(f"rate 0 draws no random numbers (eager model): {'yes' if result['rate0_draws_no_random'] else 'NO'}")
     lines.append(f"timing: ours {o['timing']}; reference {r['timing']}")
     return "\n".join(lines)

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-repeats", type=int, default=3, help="timed generation runs per mode (median reported)")
     p.add_argument("--rates", default="0.1,0.2", metavar="LOW,HIGH",
                    help="dropout rates alternated at every control step; 0,0 = no dropout (fused attention)")
+    p.add_argument("--profile-iters", type=int, default=0,
+                   help="also run this many iterations of ours under torch.profiler and print the top operations")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement (KV cache vs none)")
     p.add_argument("--eval-merge-sweep", default="", metavar="K,K,...",
                    help="also time evaluation passes at each of these batches-per-pass values")
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_eval_passes=args.ref_eval_passes if args.ref_eval_passes is not None else args.eval_passes,
         untimed_iters=args.untimed_iters, block_iters=args.block_iters, rounds=args.rounds,
         gen_tokens=cfg.gen_tokens or 256, gen_repeats=args.gen_repeats, sampling=not args.no_sampling,
+        profile_iters=args.profile_iters,
         eval_merge_sweep=parse_ints(args.eval_merge_sweep, "--eval-merge-sweep"))
     if args.threads is not None:
         if args.threads < 1:

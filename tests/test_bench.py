@@ -78,6 +78,7 @@ def test_kv_cache_sampling_gives_identical_tokens(result):
 
 def test_rate_zero_check_passes(result):
     assert result["rate0_draws_no_random"] is True
+    assert result["profile"] is None  # not asked for
 
 
 def test_alternating_controller_changes_the_rate_every_step_and_never_to_zero():
@@ -113,11 +114,15 @@ def test_bench_and_train_commands_import_no_rl_or_tracking_packages():
     assert out.strip() == "[]"
 
 
-def test_sampling_can_be_skipped(tmp_path):
+def test_sampling_can_be_skipped_and_a_profile_added(tmp_path, capsys):
     path = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
-        assert cli([*TINY, "--threads", "1", "--no-sampling", "--json", str(path)]) == 0
+        assert cli([*TINY, "--threads", "1", "--no-sampling", "--profile-iters", "3", "--json", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert json.loads(path.read_text())["sampling"] is None
+    result = json.loads(path.read_text())
+    assert result["sampling"] is None
+    prof = result["profile"]
+    assert prof["iters"] == 3 and prof["wall_ms"] > 0 and prof["device_busy_share"] is None  # CPU: no device
+    assert "aten::" in prof["table"] and "aten::" in capsys.readouterr().out
