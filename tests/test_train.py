@@ -104,6 +104,23 @@ def test_checkpoint_holds_the_state_of_the_moment_it_was_saved(chardata, tmp_pat
     assert load_checkpoint(tmp_path / "ckpt_best.pt")["iteration"] == 5
 
 
+def test_best_is_copied_where_hard_links_are_unsupported(tmp_path, monkeypatch):
+    import os
+
+    from gpt.trainer import link_or_copy
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    src, dst = tmp_path / "last", tmp_path / "best"
+    src.write_bytes(b"first")
+    dst.write_bytes(b"older best")
+    link_or_copy(src, dst)
+    src.write_bytes(b"second")  # a later `last` must not change `best`
+    assert dst.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["best", "last"]
+
+
 def test_a_failed_checkpoint_write_is_raised(chardata, tmp_path, monkeypatch):
     import gpt.trainer
 
