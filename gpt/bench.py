@@ -303,7 +303,8 @@ def measure_sampling(model: GPT, device: torch.device, n_tokens: int, seed: int,
 
     Three ways: no cache (the whole context every step), the KV cache stepped eagerly, and, with
     ``compile``, the KV cache through the compiled decode step (CUDA graphs on a GPU). The reported
-    KV-cache speed is the one a run uses (compiled when ``compile``). Each run starts from the same
+    KV-cache speed is the compiled one when ``compile`` (if compiling fails, the error is recorded and the
+    eager cache is reported). Each run starts from the same
     one-token prompt with a generator seeded alike, so all draw the same random numbers; ``n_tokens``
     must keep the sequence within ``block_size``.
     """
@@ -314,9 +315,16 @@ def measure_sampling(model: GPT, device: torch.device, n_tokens: int, seed: int,
         ways["kv_cache_compiled"] = dict(use_kv_cache=True, compile=True)
     out: dict[str, torch.Tensor] = {}
     rate: dict[str, float] = {}
+    compile_error = None
     for name, kwargs in ways.items():
-        # warm-up at the timed length: compiles, records CUDA graphs, grows the allocator
-        model.generate(prompt, n_tokens, **kwargs)
+        try:
+            # warm-up at the timed length: compiles, records CUDA graphs, grows the allocator
+            model.generate(prompt, n_tokens, **kwargs)
+        except Exception as e:  # a failing compile must not cost the rest of a GPU session's results
+            if name != "kv_cache_compiled":
+                raise
+            compile_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            continue
         times = []
         for _ in range(repeats):
             gen = torch.Generator(device=device).manual_seed(seed)
@@ -326,12 +334,12 @@ def measure_sampling(model: GPT, device: torch.device, n_tokens: int, seed: int,
             sync(device)
             times.append(time.perf_counter() - t0)
         rate[name] = n_tokens / statistics.median(times)
-    cached = "kv_cache_compiled" if compile else "kv_cache_eager"
-    differ = torch.stack([out[name] != out["no_cache"] for name in ways]).any(0).flatten().nonzero()
+    cached = "kv_cache_compiled" if "kv_cache_compiled" in rate else "kv_cache_eager"
+    differ = torch.stack([out[name] != out["no_cache"] for name in out]).any(0).flatten().nonzero()
     return {"tokens": n_tokens, "repeats": repeats, "kv_cache_tokens_per_s": rate[cached],
             "no_cache_tokens_per_s": rate["no_cache"], "ratio": rate[cached] / rate["no_cache"],
-            "kv_cache_eager_tokens_per_s": rate["kv_cache_eager"], "kv_cache_compiled": compile,
-            "dtype": "float32", "identical": bool(len(differ) == 0),
+            "kv_cache_eager_tokens_per_s": rate["kv_cache_eager"], "kv_cache_compiled": cached == "kv_cache_compiled",
+            "compile_error": compile_error, "dtype": "float32", "identical": bool(len(differ) == 0),
             "first_mismatch": int(differ[0]) - prompt.size(1) if len(differ) else None}
 
 
@@ -500,6 +508,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("sampling: not measured (--no-sampling)")
     else:
         same = "yes" if sm["identical"] else f"NO (first differs at {sm['first_mismatch']})"
+        if sm["compile_error"]:
+            lines.append(f"compiled decode step FAILED, eager cache reported instead: {sm['compile_error']}")
         lines.append(f"sampling {sm['tokens']} tokens (batch 1, float32, median of {sm['repeats']}): KV cache "
                      f"{'(compiled decode step) ' if sm['kv_cache_compiled'] else ''}"
                      f"{sm['kv_cache_tokens_per_s']:,.0f} tok/s (eager {sm['kv_cache_eager_tokens_per_s']:,.0f}), "

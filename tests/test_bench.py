@@ -126,3 +126,20 @@ def test_sampling_can_be_skipped_and_a_profile_added(tmp_path, capsys):
     prof = result["profile"]
     assert prof["iters"] == 3 and prof["wall_ms"] > 0 and prof["device_busy_share"] is None  # CPU: no device
     assert "aten::" in prof["table"] and "aten::" in capsys.readouterr().out
+
+
+def test_a_failing_compiled_decode_step_is_reported_not_fatal(monkeypatch):
+    from gpt import GPT, GPTConfig
+    from gpt.bench import measure_sampling
+
+    def broken(self):
+        def step(*args):
+            raise RuntimeError("no compiler here\nsecond line")
+        return step
+
+    monkeypatch.setattr(GPT, "compiled_decode_step", broken)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    s = measure_sampling(model, torch.device("cpu"), n_tokens=8, seed=0, repeats=1, compile=True)
+    assert s["compile_error"] == "RuntimeError: no compiler here"
+    assert s["kv_cache_compiled"] is False and s["kv_cache_tokens_per_s"] == s["kv_cache_eager_tokens_per_s"]
+    assert s["identical"] is True
