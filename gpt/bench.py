@@ -3,7 +3,7 @@
 Two loops train the same ``GPT`` class with the same hyperparameters:
 
 - **ours**: the ``Trainer`` exactly as a run configures it (torch.compile on CUDA, bf16 autocast, fused
-  AdamW on CUDA, data resident on the device, losses read once per log interval), with the dropout rate
+  AdamW, data resident on the device, losses read once per log interval), with the dropout rate
   changed at every control step by :class:`AlternatingRate` (never 0, so it never switches graphs);
 - **reference**: :class:`ReferenceLoop`, a plain nanoGPT-style loop: the eager model, batches sliced from
   a host numpy array and copied to the device every step, ``loss.item()`` every step, PyTorch's default
@@ -40,7 +40,7 @@ from controllers import Controller, TrainingStats, UserError
 from .config import TrainConfig
 from .data import CharData
 from .model import GPT
-from .trainer import Trainer, model_config, seed_everything
+from .trainer import Trainer, make_optimizer, model_config, seed_everything
 
 SPLITS = ("train", "val")
 
@@ -144,11 +144,7 @@ class ReferenceLoop:
         self.rng = np.random.default_rng(cfg.seed)
         seed_everything(cfg.seed)
         self.model = GPT(model_config(cfg, data.vocab_size)).to(device)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        self.optimizer = make_optimizer(self.model, cfg, fused=False)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.iteration = 0
         self.blocks = 0

@@ -13,55 +13,57 @@ from typing import Any
 from controllers import UserError
 
 
-def _f(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
+    """A dataclass field that is also a command-line option (see ``add_dataclass_args``)."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    preset: str = _f("cpu", "named starting point: paper (GPU), cpu (minutes on 2 cores), tiny (tests, RL)")
+    preset: str = option("cpu", "named starting point: paper (GPU), cpu (minutes on 2 cores), tiny (tests, RL)")
     # model
-    n_layer: int = _f(4, "transformer layers")
-    n_head: int = _f(4, "attention heads per layer")
-    n_embd: int = _f(128, "embedding width")
-    block_size: int = _f(64, "context length in characters")
-    bias: bool = _f(False, "biases in Linear and LayerNorm layers")
-    attention_dropout: str = _f("manual", "how attention-weight dropout runs: manual (attention written out, "
+    n_layer: int = option(4, "transformer layers")
+    n_head: int = option(4, "attention heads per layer")
+    n_embd: int = option(128, "embedding width")
+    block_size: int = option(64, "context length in characters")
+    bias: bool = option(False, "biases in Linear and LayerNorm layers")
+    attention_dropout: str = option("manual", "how attention-weight dropout runs: manual (attention written out, "
                                           "one compiled graph) or fused (the fused kernel's own dropout, run "
                                           "eagerly: a graph break per layer under torch.compile)")
     # optimisation (nanoGPT's recipe)
-    batch_size: int = _f(12, "sequences per optimizer step")
-    max_iters: int = _f(2000, "optimizer steps in the run")
-    learning_rate: float = _f(1e-3, "peak learning rate after warmup")
-    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = _f(100, "linear warmup steps")
-    lr_decay_iters: int = _f(0, "cosine decay length in steps; 0 = max_iters")
-    weight_decay: float = _f(0.1, "AdamW weight decay on matrices")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.99, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    batch_size: int = option(12, "sequences per optimizer step")
+    max_iters: int = option(2000, "optimizer steps in the run")
+    learning_rate: float = option(1e-3, "peak learning rate after warmup")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "linear warmup steps")
+    lr_decay_iters: int = option(0, "cosine decay length in steps; 0 = max_iters")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
     # evaluation, control, logging
-    eval_interval: int = _f(100, "evaluate every this many steps (and at the first and last step)")
-    eval_iters: int = _f(20, "batches per split in one evaluation (a fixed set per seed)")
-    eval_merge: int = _f(4, "evaluation batches scored per forward pass (the same batches and the same "
+    eval_interval: int = option(100, "evaluate every this many steps (and at the first and last step)")
+    eval_iters: int = option(20, "batches per split in one evaluation (a fixed set per seed)")
+    eval_merge: int = option(4, "evaluation batches scored per forward pass (the same batches and the same "
                             "mean loss, in fewer, larger passes)")
-    control_interval: int = _f(0, "ask the controller for a new rate every this many steps; 0 = at every evaluation")
-    log_interval: int = _f(10, "steps between training-loss logs (each one host sync)")
-    gen_tokens: int = _f(256, "characters sampled after training to measure inference speed; 0 = skip")
+    control_interval: int = option(0, "ask the controller for a new rate every this many steps; "
+                                      "0 = at every evaluation")
+    log_interval: int = option(10, "steps between training-loss logs (each one host sync)")
+    gen_tokens: int = option(256, "characters sampled after training to measure inference speed; 0 = skip")
     # system
-    seed: int = _f(1337, "seeds model init, data order, evaluation batches and dropout masks")
-    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
-    dtype: str = _f("auto", "autocast dtype: bfloat16, float16, float32, or auto (bf16 on CUDA, fp32 on CPU)")
-    compile: bool | None = _f(None, "torch.compile the model; default: on for CUDA, off for CPU")
-    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune")
-    data: str | None = _f(None, "tinyshakespeare input.txt or a folder holding shakespeare_char/input.txt")
-    out: str = _f("", "the run's folder; default out/<preset>-<controller>-s<seed>")
-    checkpoint: bool = _f(True, "write last/best checkpoints at every evaluation")
-    progress: bool = _f(True, "show a progress bar")
+    seed: int = option(1337, "seeds model init, data order, evaluation batches and dropout masks")
+    device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
+    dtype: str = option("auto", "autocast dtype: bfloat16, float16, float32, or auto (bf16 on CUDA, fp32 on CPU)")
+    compile: bool | None = option(None, "torch.compile the model; default: on for CUDA, off for CPU")
+    compile_mode: str = option("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune")
+    data: str | None = option(None, "tinyshakespeare input.txt or a folder holding shakespeare_char/input.txt")
+    out: str = option("", "the run's folder; default out/<preset>-<controller>-s<seed>")
+    checkpoint: bool = option(True, "write last/best checkpoints at every evaluation")
+    progress: bool = option(True, "show a progress bar")
     # tracking
-    wandb: str = _f("auto", "online, offline, disabled, or auto (online if logged in, else offline)")
-    wandb_project: str = _f("dynamic-dropout", "wandb project")
-    wandb_group: str = _f("", "wandb group; default <preset>")
+    wandb: str = option("auto", "online, offline, disabled, or auto (online if logged in, else offline)")
+    wandb_project: str = option("dynamic-dropout", "wandb project")
+    wandb_group: str = option("", "wandb group; default <preset>")
 
     def __post_init__(self) -> None:
         if self.lr_decay_iters == 0:
@@ -115,18 +117,26 @@ def make_config(preset: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(preset=preset, **values)
 
 
-def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("preset",)) -> None:
-    """Add one ``--option`` per ``TrainConfig`` field, defaulting to ``None`` (= the preset's value)."""
-    for f in dataclasses.fields(TrainConfig):
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                       default_none: bool = False) -> None:
+    """Add one ``--option`` per field of the dataclass ``cls``, with the field's help text. Each defaults
+    to the field's default, or to ``None`` with ``default_none`` (meaning: not given)."""
+    for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = None if default_none else f.default
         kind = str(f.type)
         if "bool" in kind:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=f.metadata["help"])
+            parser.add_argument(flag, type=conv, default=default, metavar=f.name.upper(), help=f.metadata["help"])
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("preset",)) -> None:
+    """Add one ``--option`` per ``TrainConfig`` field, defaulting to ``None`` (= the preset's value)."""
+    add_dataclass_args(parser, TrainConfig, skip, default_none=True)
 
 
 def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:

@@ -33,7 +33,9 @@ class GPTConfig:
 class RateDropout(nn.Module):
     """Inverted dropout whose rate is read from a 0-dim tensor at call time.
 
-    ``active`` is a Python bool: False means the rate is 0 and the input passes through untouched.
+    ``active`` is a Python bool: False means the rate is 0 and the input passes through untouched. It is
+    kept apart from ``rate`` (a float) on purpose: a compiled graph guards on what it reads, so it reads the
+    flag (two graphs in all) and the tensor, never the float (a graph per rate).
     """
 
     def __init__(self) -> None:

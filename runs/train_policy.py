@@ -14,60 +14,52 @@ import argparse
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from controllers import UserError
+from gpt.config import add_dataclass_args, option
 from runs.common import run_cli
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Args:
-    out: str = _f("policies/ppo_tiny", "folder for the policy, its checkpoints and logs")
-    total_timesteps: int = _f(2048, "env steps (control intervals) to train for")
-    n_envs: int = _f(2, "parallel episodes per rollout")
-    vec: str = _f("dummy", "dummy (all envs in this process) or subproc (one process per env: needs spare cores)")
-    seed: int = _f(0, "seeds PPO and the envs' instance draws")
+    out: str = option("policies/ppo_tiny", "folder for the policy, its checkpoints and logs")
+    total_timesteps: int = option(2048, "env steps (control intervals) to train for")
+    n_envs: int = option(2, "parallel episodes per rollout")
+    vec: str = option("dummy", "dummy (all envs in this process) or subproc (one process per env: needs spare cores)")
+    seed: int = option(0, "seeds PPO and the envs' instance draws")
     # env
-    preset: str = _f("tiny", "preset of the model trained in each episode")
-    max_iters: int = _f(160, "optimizer steps per episode")
-    interval: int = _f(16, "optimizer steps per env step (evaluation and control interval)")
-    eval_iters: int = _f(0, "evaluation batches per split; 0 = the preset's")
-    p_min: float = _f(0.0, "rate for action -1")
-    p_max: float = _f(0.5, "rate for action +1")
-    per_layer: bool = _f(False, "one rate per transformer layer")
-    reward: str = _f("best_val", "best_val, val or final (see envs.DropoutEnv)")
-    reward_scale: float = _f(10.0, "multiplies every reward")
+    preset: str = option("tiny", "preset of the model trained in each episode")
+    max_iters: int = option(160, "optimizer steps per episode")
+    interval: int = option(16, "optimizer steps per env step (evaluation and control interval)")
+    eval_iters: int = option(0, "evaluation batches per split; 0 = the preset's")
+    p_min: float = option(0.0, "rate for action -1")
+    p_max: float = option(0.5, "rate for action +1")
+    per_layer: bool = option(False, "one rate per transformer layer")
+    reward: str = option("best_val", "best_val, val or final (see envs.DropoutEnv)")
+    reward_scale: float = option(10.0, "multiplies every reward")
     # PPO
-    n_steps: int = _f(32, "env steps per env per rollout (one PPO update each)")
-    batch_size: int = _f(32, "minibatch size")
-    n_epochs: int = _f(10, "passes over each rollout")
-    learning_rate: float = _f(1e-3, "Adam learning rate")
-    gamma: float = _f(0.99, "discount")
-    gae_lambda: float = _f(0.95, "GAE lambda")
-    ent_coef: float = _f(0.0, "entropy bonus")
-    log_std_init: float = _f(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
-    checkpoint_every: int = _f(512, "save the policy every this many env steps; 0 = never")
+    n_steps: int = option(32, "env steps per env per rollout (one PPO update each)")
+    batch_size: int = option(32, "minibatch size")
+    n_epochs: int = option(10, "passes over each rollout")
+    learning_rate: float = option(1e-3, "Adam learning rate")
+    gamma: float = option(0.99, "discount")
+    gae_lambda: float = option(0.95, "GAE lambda")
+    ent_coef: float = option(0.0, "entropy bonus")
+    log_std_init: float = option(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
+    checkpoint_every: int = option(512, "save the policy every this many env steps; 0 = never")
     # tracking
-    wandb: str = _f("offline", "online, offline or disabled")
-    wandb_project: str = _f("dynamic-dropout", "wandb project")
-    progress: bool = _f(True, "show a progress bar")
+    wandb: str = option("offline", "online, offline or disabled")
+    wandb_project: str = option("dynamic-dropout", "wandb project")
+    progress: bool = option(True, "show a progress bar")
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     p = argparse.ArgumentParser(prog="python -m runs.train_policy", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_dataclass_args(p, Args)
     args = Args(**vars(p.parse_args(argv)))
     if args.vec not in ("dummy", "subproc"):
         raise UserError(f"--vec must be dummy or subproc, not {args.vec!r}")
