@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Sequence, Union
 
-from .errors import UserError
+from dyndrop import UserError
 
 Rate = Union[float, Sequence[float]]
 """A dropout rate in [0, 1): one number for every layer, or one per transformer layer."""
@@ -87,6 +87,26 @@ def check_rate(rate: Rate, n_layers: int) -> tuple[float, ...]:
     return rates
 
 
+def require_rate(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a dropout rate in [0, 1) (this also rejects nan)."""
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name}={value} is not a dropout rate in [0, 1)")
+
+
+def require_rate_range(low_name: str, low: float, high_name: str, high: float) -> None:
+    """Raise ``ValueError`` unless both are dropout rates and ``low <= high``."""
+    require_rate(low_name, low)
+    require_rate(high_name, high)
+    if low > high:
+        raise ValueError(f"{low_name}={low} is above {high_name}={high}")
+
+
+def require_fraction(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a fraction of the run in [0, 1]."""
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name}={value} is not a fraction of the run in [0, 1]")
+
+
 class Controller(ABC):
     """Chooses the dropout rate for the next control interval from training statistics.
 
@@ -144,49 +164,3 @@ def register(cls: type[Controller]) -> type[Controller]:
     assert cls.name and cls.name not in CONTROLLERS, cls
     CONTROLLERS[cls.name] = cls
     return cls
-
-
-def _parse_value(text: str, annotation: Any, key: str, name: str) -> Any:
-    kind = annotation if isinstance(annotation, type) else str(annotation)
-    kind_name = getattr(kind, "__name__", kind)  # "float", not "<class 'float'>"
-    try:
-        if kind in (float, "float"):
-            return float(text)
-        if kind in (int, "int"):
-            return int(text)
-        if kind in (bool, "bool"):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-    except ValueError:
-        raise UserError(f"controller {name!r}: parameter {key}={text!r} is not a valid {kind_name}") from None
-    return text
-
-
-def make_controller(spec: str, **overrides: Any) -> Controller:
-    """Build a controller from ``"name"`` or ``"name:key=value,key=value"``.
-
-    Values are converted with the constructor's type hints. ``overrides`` (already typed) win over the spec.
-    Raises ``UserError`` for an unknown name or parameter, or a value the controller rejects.
-    """
-    name, _, arg_text = spec.strip().partition(":")
-    if name not in CONTROLLERS:
-        raise UserError(f"unknown controller {name!r}; choose one of: {', '.join(sorted(CONTROLLERS))}")
-    cls = CONTROLLERS[name]
-    sig = inspect.signature(cls.__init__)
-    hints = {k: p.annotation for k, p in sig.parameters.items() if k != "self"}
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in arg_text.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in hints:
-            valid = ", ".join(hints) or "none"
-            raise UserError(f"controller {name!r}: bad parameter {item!r}; expected key=value with key in: {valid}")
-        kwargs[key] = _parse_value(value.strip(), hints[key], key, name)
-    kwargs.update(overrides)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"controller {name!r}: {e}") from None

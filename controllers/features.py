@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from .base import TrainingStats
+from .base import TrainingStats, require_rate_range
 
 FEATURE_VERSION = "dyndrop-features-v1"
 
@@ -139,6 +139,5 @@ def action_to_rates(action: Any, p_min: float, p_max: float, n_layers: int) -> t
 
 
 def check_bounds(p_min: float, p_max: float) -> None:
-    """Raise ``ValueError`` unless ``0 <= p_min <= p_max < 1``."""
-    if not (0.0 <= p_min <= p_max < 1.0):
-        raise ValueError(f"action bounds p_min={p_min}, p_max={p_max} must satisfy 0 <= p_min <= p_max < 1")
+    """Raise ``ValueError`` unless ``0 <= p_min <= p_max < 1`` (the action's rate range)."""
+    require_rate_range("p_min", p_min, "p_max", p_max)

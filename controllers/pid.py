@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Controller, Rate, TrainingStats, register
-from .schedules import require_rate
+from .base import Controller, Rate, TrainingStats, register, require_rate_range
 
 SIGNALS = ("gap", "val_slope")
 
@@ -81,10 +80,7 @@ class PIDController(Controller):
         for key, value in dict(setpoint=setpoint, kp=kp, ki=ki, kd=kd).items():
             if not math.isfinite(value):
                 raise ValueError(f"{key}={value} must be a finite number")
-        require_rate("min_rate", min_rate)
-        require_rate("max_rate", max_rate)
-        if min_rate > max_rate:
-            raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}")
+        require_rate_range("min_rate", min_rate, "max_rate", max_rate)
         if not (min_rate <= bias <= max_rate):
             raise ValueError(f"bias={bias} is outside [min_rate, max_rate] = [{min_rate}, {max_rate}]")
         if not (0.0 < d_filter <= 1.0):

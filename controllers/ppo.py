@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .base import Controller, Rate, TrainingStats, register
-from .errors import UserError
+from dyndrop import UserError
 from .features import FEATURE_VERSION, Featurizer, action_to_rates, check_bounds
 
 

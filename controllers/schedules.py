@@ -10,19 +10,7 @@ import math
 from abc import abstractmethod
 from typing import Any
 
-from .base import Controller, Rate, TrainingStats, register
-
-
-def require_rate(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a dropout rate in [0, 1) (this also rejects nan)."""
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name}={value} is not a dropout rate in [0, 1)")
-
-
-def require_fraction(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a fraction of the run in [0, 1]."""
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name}={value} is not a fraction of the run in [0, 1]")
+from .base import Controller, Rate, TrainingStats, register, require_fraction, require_rate, require_rate_range
 
 
 class Schedule(Controller):
@@ -208,10 +196,7 @@ class ValLossRule(Controller):
         tol: float = 0.0,
     ) -> None:
         super().__init__()
-        require_rate("min_rate", min_rate)
-        require_rate("max_rate", max_rate)
-        if min_rate > max_rate:
-            raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}")
+        require_rate_range("min_rate", min_rate, "max_rate", max_rate)
         if not (min_rate <= start <= max_rate):
             raise ValueError(f"start={start} is outside [min_rate, max_rate] = [{min_rate}, {max_rate}]")
         if not (0.0 <= step < 1.0):

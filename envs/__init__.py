@@ -1,13 +1,13 @@
 """Reinforcement-learning environments. Importing this package registers ``DynamicDropout-v0``, so
-``gymnasium.make("DynamicDropout-v0", max_iters=200)`` works. Imports ``gpt`` and ``controllers``, never ``runs``.
+``gymnasium.make("DynamicDropout-v0", max_iters=200)`` works. Imports ``gpt``, ``controllers`` and ``dyndrop``, never ``experiments`` or ``runs``.
 """
 import gymnasium as gym
 
-from .dropout_env import EVAL_SEEDS, REWARDS, TRAIN_SEEDS, DropoutEnv, episode_config, shared_data
+from .dropout_env import EVAL_SEEDS, REWARDS, TRAIN_SEEDS, DropoutEnv, episode_config
 
 ENV_ID = "DynamicDropout-v0"
 
 if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="envs.dropout_env:DropoutEnv")
 
-__all__ = ["ENV_ID", "EVAL_SEEDS", "REWARDS", "TRAIN_SEEDS", "DropoutEnv", "episode_config", "shared_data"]
+__all__ = ["ENV_ID", "EVAL_SEEDS", "REWARDS", "TRAIN_SEEDS", "DropoutEnv", "episode_config"]

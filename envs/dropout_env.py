@@ -13,27 +13,15 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from controllers import UserError
 from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates, check_bounds
-from controllers.schedules import ConstantDropout
-from gpt import CharData, Diverged, Trainer, make_config
+from dyndrop import UserError
+from gpt import Diverged, Trainer, make_config, shared_data
 from gpt.config import TrainConfig
 from gpt.trainer import resolve_device
 
 REWARDS = ("best_val", "val", "final")
 TRAIN_SEEDS = tuple(range(1000, 1064))  # 64 training instances
 EVAL_SEEDS = tuple(range(9000, 9008))  # 8 held-out instances, never drawn in training
-
-_DATA: dict[str, CharData] = {}
-
-
-def shared_data(path: str | None = None, device: str = "cpu") -> CharData:
-    """The dataset on ``device``, read once per process (every env and trainer in it shares it)."""
-    key = str(path or "") if device == "cpu" else f"{path or ''}@{device}"
-    if key not in _DATA:
-        _DATA[key] = CharData.load(path, device=device)
-    return _DATA[key]
-
 
 def episode_config(preset: str = "tiny", max_iters: int = 160, interval: int = 16, seed: int = 0,
                    **overrides: Any) -> TrainConfig:
@@ -155,13 +143,12 @@ class DropoutEnv(gym.Env):
             self.instance = int(seeds[int(self.np_random.integers(len(seeds)))])
         cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
                              **self.config_overrides)
-        # The trainer's controller is never asked: the env sets the rate itself.
-        self.trainer = Trainer(cfg, ConstantDropout(0.0), data=self.data)
+        self.trainer = Trainer(cfg, data=self.data)  # no controller: the env sets the rate itself
         self.trainer.evaluate()
         self.featurizer.reset()
         h = self.trainer.history
-        self.best0 = self.prev_best = h["best_val_loss"]
-        self.prev_val = h["eval_val_loss"]
+        self.best0 = self.prev_best = h.best_val_loss
+        self.prev_val = h.eval_val_loss
         return self.featurizer.observe(self.trainer.stats()), self._info()
 
     def step(self, action):

@@ -1,20 +1,20 @@
-"""Run configuration: one dataclass, three presets, and the command line generated from it.
+"""Run configuration: one dataclass and the named presets.
 
-Every field carries its help text, so ``python -m runs.train --help`` documents the config and the
-config documents the command line (CleanRL's ``Args`` pattern, without a dependency).
+Every field carries its help text (:func:`option`), from which ``runs.cli`` builds the command line, so
+``python -m runs.train --help`` documents the config and the config documents the command line
+(CleanRL's ``Args`` pattern, without a dependency).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from controllers import UserError
+from dyndrop import UserError
 
 
 def option(default: Any, help: str) -> Any:
-    """A dataclass field that is also a command-line option (see ``add_dataclass_args``)."""
+    """A dataclass field that is also a command-line option (see ``runs.cli.add_dataclass_args``)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -105,8 +105,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def resolve_preset(preset: str) -> str:
+    """``auto`` -> ``paper`` where a CUDA GPU is visible, else ``cpu``; other names unchanged."""
+    if preset != "auto":
+        return preset
+    import torch  # only to look for a GPU
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
 def make_config(preset: str, **overrides: Any) -> TrainConfig:
-    """The preset's config with ``overrides`` (``None`` values mean "keep the preset's")."""
+    """The preset's config (``auto``: see :func:`resolve_preset`) with ``overrides`` (``None`` values mean
+    "keep the preset's")."""
+    preset = resolve_preset(preset)
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
@@ -115,30 +126,3 @@ def make_config(preset: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     return TrainConfig(preset=preset, **values)
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                       default_none: bool = False) -> None:
-    """Add one ``--option`` per field of the dataclass ``cls``, with the field's help text. Each defaults
-    to the field's default, or to ``None`` with ``default_none`` (meaning: not given)."""
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = None if default_none else f.default
-        kind = str(f.type)
-        if "bool" in kind:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        else:
-            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=conv, default=default, metavar=f.name.upper(), help=f.metadata["help"])
-
-
-def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("preset",)) -> None:
-    """Add one ``--option`` per ``TrainConfig`` field, defaulting to ``None`` (= the preset's value)."""
-    add_dataclass_args(parser, TrainConfig, skip, default_none=True)
-
-
-def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "preset"]
-    return make_config(preset, **{n: getattr(args, n) for n in names if hasattr(args, n)})

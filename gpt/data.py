@@ -27,7 +27,7 @@ from typing import Iterable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from controllers.errors import UserError
+from dyndrop import UserError
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -253,6 +253,17 @@ class CharData:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return "".join(self.itos[i] for i in ids)
+
+
+_SHARED: dict[tuple[str, str], CharData] = {}
+
+
+def shared_data(path: str | Path | None = None, device: str | torch.device = "cpu") -> CharData:
+    """The dataset on ``device``, read once per process: every trainer, env and trial in it shares it."""
+    key = (str(path or ""), str(torch.device(device)))
+    if key not in _SHARED:
+        _SHARED[key] = CharData.load(path, device=device)
+    return _SHARED[key]
 
 
 # --------------------------------------------------------------------------------------------------

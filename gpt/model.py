@@ -9,6 +9,7 @@ random numbers are drawn); that switch is the only thing that changes the compil
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from controllers import check_rate
 
 
 @dataclass
@@ -201,9 +201,13 @@ class GPT(nn.Module):
         """Set the dropout rate: one float in [0, 1) for all layers, or one per layer.
 
         Writes the buffer in place with device-side fills (no host sync, no recompile); only a layer
-        switching between zero and non-zero flips its Python ``active`` flag.
+        switching between zero and non-zero flips its Python ``active`` flag. Callers from outside (the
+        trainer, a user) check the values; a wrong count or a value outside [0, 1) is a ``ValueError``.
         """
-        rates = check_rate(rate, self.config.n_layer)
+        n = self.config.n_layer
+        rates = (float(rate),) * n if isinstance(rate, numbers.Real) else tuple(float(r) for r in rate)
+        if len(rates) != n or not all(0.0 <= r < 1.0 for r in rates):
+            raise ValueError(f"need {n} dropout rates in [0, 1), got {rates}")
         if len(set(rates)) == 1:
             self.dropout_rates.fill_(rates[0])
         else:

@@ -7,14 +7,13 @@ machine without an account (or without wandb) still trains.
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-from controllers import UserError
+from dyndrop import UserError, json_safe, write_json
 
 
 def wandb_mode(requested: str) -> str:
@@ -33,25 +32,20 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 class RunLogger:
     """Appends records to ``<out>/metrics.jsonl`` and mirrors them to wandb.
 
     :param out_dir: the run's folder (created if missing).
     :param mode: wandb mode: online, offline, disabled or auto.
+    :param wandb_dir: the folder under which wandb writes the run (``<wandb_dir>/wandb/``); default
+        ``out_dir``. A comparison passes its own folder, so all its runs sit under one ``wandb/``.
     :param resume_iter: when resuming, records after this iteration are dropped from metrics.jsonl
         (they were written by the interrupted run after its last checkpoint).
     """
 
     def __init__(self, out_dir: str | Path, mode: str = "auto", project: str = "dynamic-dropout",
                  group: str = "", name: str = "", config: dict[str, Any] | None = None,
-                 resume_iter: int | None = None) -> None:
+                 resume_iter: int | None = None, wandb_dir: str | Path | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
@@ -65,9 +59,11 @@ class RunLogger:
         self.mode = wandb_mode(mode)
         self.run = None
         if self.mode != "disabled":
-            self.run = self._init_wandb(project, group, name, config or {}, resume_iter is not None)
+            self.run = self._init_wandb(project, group, name, config or {}, resume_iter is not None,
+                                        Path(wandb_dir) if wandb_dir is not None else self.out_dir)
 
-    def _init_wandb(self, project: str, group: str, name: str, config: dict[str, Any], resume: bool):
+    def _init_wandb(self, project: str, group: str, name: str, config: dict[str, Any], resume: bool,
+                    wandb_dir: Path):
         try:
             import wandb
         except ImportError:
@@ -75,8 +71,9 @@ class RunLogger:
         id_file = self.out_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=project, group=group or None, name=name or None, config=config,
-                         dir=str(self.out_dir), mode=self.mode, id=run_id, resume="allow",
+                         dir=str(wandb_dir), mode=self.mode, id=run_id, resume="allow",
                          settings=wandb.Settings(silent=True))
         run.define_metric("iter")
         for prefix in ("train", "val", "dropout", "controller", "perf"):
@@ -85,7 +82,7 @@ class RunLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; it must contain ``iter``."""
-        record = {k: _clean(v) for k, v in record.items()}
+        record = json_safe(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.run is not None:
@@ -93,9 +90,7 @@ class RunLogger:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` atomically, copy it into the wandb summary, close everything."""
-        tmp = self.out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
-        os.replace(tmp, self.out_dir / "summary.json")
+        write_json(self.out_dir / "summary.json", summary)
         self.close(summary)
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
@@ -103,6 +98,6 @@ class RunLogger:
             self._file.close()
         if self.run is not None:
             if summary:
-                self.run.summary.update({k: _clean(v) for k, v in summary.items()})
+                self.run.summary.update(json_safe(summary))
             self.run.finish()
             self.run = None

@@ -17,14 +17,15 @@ import shutil
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from controllers import Controller, TrainingStats, UserError
+from controllers import Controller, Rate, TrainingStats, check_rate
+from dyndrop import UserError
 
 from .config import TrainConfig
 from .data import BatchSampler, CharData, fixed_eval_batches
@@ -37,6 +38,62 @@ CHECKPOINT_VERSION = 1
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainingHistory:
+    """What a :class:`Trainer` has measured so far. Losses in nats per token, times in seconds.
+
+    :param best_val_loss: lowest validation loss of any evaluation so far (inf before the first).
+    :param best_val_iter: iteration of that evaluation.
+    :param eval_train_loss: loss on the fixed training evaluation batches at the last evaluation, dropout off.
+    :param eval_val_loss: loss on the fixed validation batches at the last evaluation, dropout off.
+    :param eval_iter: iteration of the last evaluation.
+    :param train_loss_smoothed: debiased moving average of the per-step training loss (dropout on).
+    :param last_train_loss: mean training loss over the last log interval.
+    :param grad_norm: mean gradient norm (before clipping) over the last log interval.
+    :param tokens_per_s: training throughput of the last ``advance`` call.
+    :param train_time_s: time spent in training steps.
+    :param eval_time_s: time spent in evaluations.
+    :param wall_time_s: wall-clock time of the run so far (``train`` only; resumes add up).
+    :param tokens: training tokens consumed.
+    """
+
+    best_val_loss: float = math.inf
+    best_val_iter: int = 0
+    eval_train_loss: float = math.nan
+    eval_val_loss: float = math.nan
+    eval_iter: int = 0
+    train_loss_smoothed: float = math.nan
+    last_train_loss: float = math.nan
+    grad_norm: float = math.nan
+    tokens_per_s: float = math.nan
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingHistory:
+        """From a checkpoint's record; raises ``KeyError``/``TypeError`` if it is not one."""
+        known = {f.name for f in fields(cls)}
+        missing = known - d.keys() - {"wall_time_s"}
+        if missing:
+            raise KeyError(f"history lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class InferenceSample(NamedTuple):
+    """What :meth:`Trainer.measure_inference` measured: the speed, and the text it sampled."""
+
+    tokens_per_s: float
+    text: str
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, where every call has finished)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,14 +221,15 @@ class Trainer:
     """Trains one GPT under one controller.
 
     :param cfg: the run's settings.
-    :param controller: chooses the dropout rate at every control step.
+    :param controller: chooses the dropout rate at every control step; None when the caller sets the rate
+        itself with :meth:`set_dropout` (the RL env), which leaves :meth:`train` and :meth:`control` unusable.
     :param data: the dataset on ``cfg``'s device; loaded from ``cfg.data`` if omitted (share it across
         trainers to avoid re-reading).
     :param logger: where records go; None = nowhere (RL episodes).
     :param meta: plain values stored in every checkpoint (the command line uses it for the controller spec).
     """
 
-    def __init__(self, cfg: TrainConfig, controller: Controller, data: CharData | None = None,
+    def __init__(self, cfg: TrainConfig, controller: Controller | None = None, data: CharData | None = None,
                  logger: RunLogger | None = None, meta: dict[str, Any] | None = None) -> None:
         self.cfg, self.controller, self.logger = cfg, controller, logger
         self.meta = meta or {}  # saved in checkpoints as is (e.g. the controller spec to rebuild it)
@@ -198,13 +256,10 @@ class Trainer:
             split: fixed_eval_batches(getattr(self.data, split), cfg.block_size, cfg.batch_size,
                                       cfg.eval_iters, seed=cfg.seed + 10_000 + i)
             for i, split in enumerate(("train", "val"))}
-        self.eval_merge = cfg.eval_merge
 
         self.iteration = 0
-        self.history: dict[str, Any] = dict(best_val_loss=math.inf, best_val_iter=0, eval_train_loss=math.nan,
-                                            eval_val_loss=math.nan, eval_iter=0, train_loss_smoothed=math.nan,
-                                            grad_norm=math.nan, tokens_per_s=math.nan, train_time_s=0.0,
-                                            eval_time_s=0.0, tokens=0, last_train_loss=math.nan)
+        self.history = TrainingHistory()
+        self.inference: InferenceSample | None = None  # set by measure_inference (at the end of train)
         self._acc = torch.zeros(3, device=self.device)  # sum of loss, sum of grad norm, steps since last log
         self._ema = torch.zeros((), device=self.device)  # debiased on read
         self._ema_steps = 0
@@ -212,8 +267,9 @@ class Trainer:
         self._warm: set[str] = set()
         self._resumed = False
         self.checkpoints = CheckpointWriter()
-        controller.reset(cfg.n_layer)
-        self.set_dropout(0.0)
+        if controller is not None:
+            controller.reset(cfg.n_layer)
+        self.model.set_dropout(0.0)
 
     # -- the pieces ---------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
@@ -226,22 +282,25 @@ class Trainer:
         ratio = (it - c.warmup_iters) / max(c.lr_decay_iters - c.warmup_iters, 1)
         return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 
-    def set_dropout(self, rate: float | tuple[float, ...]) -> tuple[float, ...]:
-        return self.model.set_dropout(rate)
+    def set_dropout(self, rate: Rate) -> tuple[float, ...]:
+        """Set the rate for the next steps: one float in [0, 1) or one per layer (checked here, the model's
+        one way in from outside). No host sync, no recompile. Returns the rate of each layer."""
+        return self.model.set_dropout(check_rate(rate, self.cfg.n_layer))
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def sync(self) -> None:
+        """Wait until the device has finished the queued steps (timing needs it; training does not)."""
+        sync(self.device)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, merge: int | None = None) -> dict[str, float]:
         """Mean loss over the fixed evaluation batches of each split, dropout off. One host sync.
 
-        ``eval_merge`` batches go through the model together: the same tokens, the same mean."""
+        ``merge`` (default ``cfg.eval_merge``) batches go through the model together: the same tokens, the
+        same mean, in fewer passes."""
         t0 = time.perf_counter()
         self.model.eval()
         means = []
-        k = self.eval_merge
+        k = merge or self.cfg.eval_merge
         for split in ("train", "val"):
             xs, ys = self.eval_batches[split]
             total = torch.zeros((), device=self.device)
@@ -254,13 +313,13 @@ class Trainer:
         self._note_warmup("eval")
         train_loss, val_loss = torch.stack(means).tolist()
         h = self.history
-        h["eval_time_s"] += time.perf_counter() - t0
-        h.update(eval_train_loss=train_loss, eval_val_loss=val_loss, eval_iter=self.iteration)
+        h.eval_time_s += time.perf_counter() - t0
+        h.eval_train_loss, h.eval_val_loss, h.eval_iter = train_loss, val_loss, self.iteration
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise Diverged(f"evaluation loss is {val_loss} at iteration {self.iteration}")
-        improved = val_loss < h["best_val_loss"]
+        improved = val_loss < h.best_val_loss
         if improved:
-            h.update(best_val_loss=val_loss, best_val_iter=self.iteration)
+            h.best_val_loss, h.best_val_iter = val_loss, self.iteration
         return {"train_loss": train_loss, "val_loss": val_loss, "improved": improved}
 
     def stats(self) -> TrainingStats:
@@ -268,10 +327,9 @@ class Trainer:
         h = self.history
         return TrainingStats(
             iteration=self.iteration, max_iters=self.cfg.max_iters, lr=self.lr_at(self.iteration),
-            train_loss_smoothed=h["train_loss_smoothed"], eval_train_loss=h["eval_train_loss"],
-            eval_val_loss=h["eval_val_loss"], best_val_loss=h["best_val_loss"],
-            best_val_iter=h["best_val_iter"], rates=self.model.rates, grad_norm=h["grad_norm"],
-            tokens_per_s=h["tokens_per_s"], eval_iter=h["eval_iter"])
+            train_loss_smoothed=h.train_loss_smoothed, eval_train_loss=h.eval_train_loss,
+            eval_val_loss=h.eval_val_loss, best_val_loss=h.best_val_loss, best_val_iter=h.best_val_iter,
+            rates=self.model.rates, grad_norm=h.grad_norm, tokens_per_s=h.tokens_per_s, eval_iter=h.eval_iter)
 
     def _train_step(self) -> None:
         lr = self.lr_at(self.iteration)
@@ -299,18 +357,18 @@ class Trainer:
             return None
         self._acc.zero_()
         h = self.history
-        h["train_loss_smoothed"] = ema / (1 - EMA_BETA ** self._ema_steps)
-        h["last_train_loss"] = loss_sum / n
-        h["grad_norm"] = gn_sum / n
+        h.train_loss_smoothed = ema / (1 - EMA_BETA ** self._ema_steps)
+        h.last_train_loss = loss_sum / n
+        h.grad_norm = gn_sum / n
         if not math.isfinite(loss_sum):
             raise Diverged(f"training loss is {loss_sum / n} at iteration {self.iteration}")
-        return {"iter": self.iteration, "train/loss": loss_sum / n, "train/loss_smoothed": h["train_loss_smoothed"],
+        return {"iter": self.iteration, "train/loss": loss_sum / n, "train/loss_smoothed": h.train_loss_smoothed,
                 "train/grad_norm": gn_sum / n, "train/lr": self.lr_at(self.iteration - 1)}
 
     def advance(self, n_iters: int, bar: Any = None) -> None:
         """Train ``n_iters`` steps at the current rate, logging every ``log_interval`` steps."""
         cfg = self.cfg
-        self._sync()
+        self.sync()
         t0 = time.perf_counter()
         for _ in range(n_iters):
             self._train_step()
@@ -320,21 +378,23 @@ class Trainer:
                 if record and self.logger:
                     self.logger.log(record)
                 if record and bar is not None:
-                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", val=f"{self.history['eval_val_loss']:.3f}",
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", val=f"{self.history.eval_val_loss:.3f}",
                                     p=f"{self.model.rates[0]:.3f}", refresh=False)
             if bar is not None:
                 bar.update(1)
         if n_iters:
             self._read_log()
-            self._sync()
+            self.sync()
             dt = time.perf_counter() - t0
             tokens = n_iters * cfg.batch_size * cfg.block_size
             h = self.history
-            h.update(train_time_s=h["train_time_s"] + dt, tokens=h["tokens"] + tokens, tokens_per_s=tokens / dt)
+            h.train_time_s, h.tokens, h.tokens_per_s = h.train_time_s + dt, h.tokens + tokens, tokens / dt
 
     def control(self) -> tuple[float, ...]:
         """Ask the controller for the next rate, apply it, log the rates and the controller's internals."""
-        rates = self.set_dropout(self.controller.update(self.stats()))
+        if self.controller is None:
+            raise RuntimeError("this Trainer has no controller; set the rate with set_dropout()")
+        rates = self.model.set_dropout(self.controller.update(self.stats()))  # update() checked them
         if self.logger:
             record: dict[str, Any] = {"iter": self.iteration, "dropout/rate": sum(rates) / len(rates)}
             if len(set(rates)) > 1:
@@ -360,12 +420,14 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to ``max_iters``; returns the summary. Raises ``Diverged`` after saving nothing new."""
         cfg = self.cfg
+        if self.controller is None:
+            raise RuntimeError("train() needs a controller; without one, drive the run with advance()/evaluate()")
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_iters, initial=self.iteration, desc=f"{cfg.preset}/{self.controller.name}",
                        unit="it", dynamic_ncols=True)
-        t_start = time.perf_counter() - self.history.get("wall_time_s", 0.0)
+        t_start = time.perf_counter() - self.history.wall_time_s
         try:
             while True:
                 it = self.iteration
@@ -378,12 +440,12 @@ class Trainer:
                         if self.logger:
                             self.logger.log({"iter": it, "train/eval_loss": result["train_loss"],
                                              "val/loss": result["val_loss"], "val/gap": result["val_loss"] - result["train_loss"],
-                                             "val/best_loss": self.history["best_val_loss"],
-                                             "perf/tokens_per_s": self.history["tokens_per_s"],
+                                             "val/best_loss": self.history.best_val_loss,
+                                             "perf/tokens_per_s": self.history.tokens_per_s,
                                              "perf/wall_time_s": time.perf_counter() - t_start})
                     if it < cfg.max_iters and it % cfg.control_interval == 0:
                         self.control()
-                    self.history["wall_time_s"] = time.perf_counter() - t_start
+                    self.history.wall_time_s = time.perf_counter() - t_start
                     if is_eval and cfg.checkpoint:
                         self.save_checkpoint(best=result["improved"])
                 if it >= cfg.max_iters:
@@ -395,28 +457,33 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.checkpoints.wait()
-        self.history["wall_time_s"] = time.perf_counter() - t_start
+        self.history.wall_time_s = time.perf_counter() - t_start
+        if cfg.gen_tokens:
+            self.inference = self.measure_inference()
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
+        """The run's figures (what ``summary.json`` holds)."""
         h, cfg = self.history, self.cfg
-        inference = self.measure_inference() if cfg.gen_tokens else math.nan
         return {
-            "best_val_loss": h["best_val_loss"], "best_val_iter": h["best_val_iter"],
-            "final_train_loss": h["eval_train_loss"], "final_val_loss": h["eval_val_loss"],
-            "final_train_loss_smoothed": h["train_loss_smoothed"],
-            "total_train_time_s": h["wall_time_s"], "train_loop_time_s": h["train_time_s"],
-            "eval_time_s": h["eval_time_s"],
-            "train_tokens_per_s": h["tokens"] / h["train_time_s"] if h["train_time_s"] else math.nan,
-            "inference_tokens_per_s": inference, "recompiles": self.recompiles, "iterations": self.iteration,
-            "controller": self.controller.name, "controller_params": self.controller.params(),
+            "best_val_loss": h.best_val_loss, "best_val_iter": h.best_val_iter,
+            "final_train_loss": h.eval_train_loss, "final_val_loss": h.eval_val_loss,
+            "final_train_loss_smoothed": h.train_loss_smoothed,
+            "total_train_time_s": h.wall_time_s, "train_loop_time_s": h.train_time_s,
+            "eval_time_s": h.eval_time_s,
+            "train_tokens_per_s": h.tokens / h.train_time_s if h.train_time_s else math.nan,
+            "inference_tokens_per_s": self.inference.tokens_per_s if self.inference else math.nan,
+            "recompiles": self.recompiles, "iterations": self.iteration,
+            "controller": self.controller.name if self.controller else None,
+            "controller_params": self.controller.params() if self.controller else {},
             "preset": cfg.preset, "seed": cfg.seed, "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "compile": self.use_compile, "torch": torch.__version__, "final_rates": list(self.model.rates),
         }
 
-    def measure_inference(self) -> float:
-        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up.
+    def measure_inference(self) -> InferenceSample:
+        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up, and
+        the text sampled.
 
         The decode step runs eagerly: compiling it (``generate(compile=True)``, measured by the benchmark)
         would add a compile at the end of every run."""
@@ -425,13 +492,12 @@ class Trainer:
         # Warm-up over the same length: the first call at each new shape pays one-off costs
         # (kernel selection, allocator growth) that are not the model's speed.
         self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-        self._sync()
+        self.sync()
         t0 = time.perf_counter()
         out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-        self._sync()
+        self.sync()
         dt = time.perf_counter() - t0
-        self.sample = self.data.decode(out[0].tolist())
-        return self.cfg.gen_tokens / dt
+        return InferenceSample(self.cfg.gen_tokens / dt, self.data.decode(out[0].tolist()))
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -442,7 +508,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "rates": list(self.model.rates), "controller": self.controller.state_dict(),
-            "controller_name": self.controller.name, "history": dict(self.history), "meta": self.meta,
+            "controller_name": self.controller.name if self.controller else None,
+            "history": asdict(self.history), "meta": self.meta,
             "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
                     "python_version": random.getstate()[0], "numpy": np.random.get_state()[1].tolist(),
@@ -473,7 +540,7 @@ class Trainer:
         self.controller.load_state_dict(ckpt["controller"])
         self.set_dropout(tuple(ckpt["rates"]))
         self.iteration = ckpt["iteration"]
-        self.history = dict(ckpt["history"])
+        self.history = TrainingHistory.from_dict(ckpt["history"])
         self._acc = ckpt["acc"].to(self.device)
         self._ema = ckpt["ema"].to(self.device)
         self._ema_steps = ckpt["ema_steps"]

@@ -7,7 +7,7 @@
 Prints a table (ms per iteration, one evaluation pass, the projected protocol time, tokens/s, recompiles,
 ours/reference) and the sampling check (KV cache vs none), and writes the numbers as JSON with ``--json``.
 Every training setting (``--batch-size``, ``--compile``, ``--dtype``, ...) overrides the preset, as in
-``runs.train``. The logic lives in ``gpt/bench.py``.
+``runs.train``. The logic lives in ``bench/speed.py``.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from controllers import UserError
-from gpt.bench import BenchSettings, format_table, run_benchmark
-from gpt.config import add_config_args, config_from_args
-from runs.common import run_cli
+from bench.speed import BenchSettings, format_table, run_benchmark
+from dyndrop import UserError, json_safe
+from runs.cli import add_config_args, config_from_args, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +61,7 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    preset = args.preset if args.preset != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
-    cfg = config_from_args(args, preset)
+    cfg = config_from_args(args, args.preset)
     cfg.checkpoint, cfg.progress, cfg.wandb = False, False, "disabled"
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     iters = args.iters if args.iters is not None else (500 if on_cuda else 300)
@@ -91,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(cfg, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True), rates=(low, high))
     print(format_table(result))
     if args.json:
-        clean = json.loads(json.dumps(result), parse_constant=lambda c: None)  # NaN/inf -> null
-        Path(args.json).write_text(json.dumps(clean, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if all(math.isfinite(v) for v in result["ratio"].values()) else 1
 

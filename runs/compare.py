@@ -15,13 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from controllers import UserError
-from gpt.config import add_config_args, config_from_args
-from gpt.experiment import (Comparison, aggregate, check_specs, log_table_to_wandb, markdown_table,
-                            parse_controllers, write_tables)
-from runs.common import run_cli
+from controllers import parse_controllers, spec_name, with_policy
+from controllers.specs import check_specs
+from dyndrop import UserError
+from experiments.comparison import Comparison
+from experiments.tables import aggregate, log_table_to_wandb, markdown_table, write_tables
+from runs.cli import add_config_args, add_policy_arg, config_from_args, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a worker process "
                                                        "(several per GPU is faster for small models)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial; default all cores / --jobs")
-    p.add_argument("--policy", default=None, help="trained policy (.zip) for the ppo controller")
+    add_policy_arg(p)
     p.add_argument("--target", type=float, default=None,
                    help="val loss for 'iterations/seconds to target'; default the worst best-val-loss among "
                         "the baseline's seeds, rounded up")
@@ -65,14 +64,17 @@ def parse_seeds(text: str, first: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    preset = args.preset if args.preset != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
     if args.checkpoint is None:
         args.checkpoint = False  # trials restart from scratch when interrupted; checkpoints only cost time
-    cfg = config_from_args(args, preset)
+    cfg = config_from_args(args, args.preset)
+    preset = cfg.preset
     specs = parse_controllers(args.controllers)
-    check_specs(specs, args.policy)
+    if args.policy is not None and not any(spec_name(s) == "ppo" for s in specs):
+        raise UserError("--policy is only used with the ppo controller, which is not in --controllers")
+    specs = [with_policy(s, args.policy) for s in specs]
+    check_specs(specs)
     comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
-                            out=Path(args.out or f"results/{preset}"), name=args.name, policy=args.policy,
+                            out=Path(args.out or f"results/{preset}"), name=args.name,
                             jobs=args.jobs, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
     pending = comparison.pending()
     total = len(comparison.trials)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controllers import UserError
-from gpt.report import write_report
-from runs.common import run_cli
+from experiments.report import write_report
+from runs.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from controllers import UserError
+from controllers import spec_name, with_policy
+from dyndrop import UserError
+from experiments.trials import make_trainer, run_name, train_and_save
 from gpt import Diverged, load_checkpoint
-from gpt.config import TrainConfig, add_config_args, config_from_args
-from gpt.experiment import make_trainer, run_name, train_and_save
-from runs.common import run_cli
+from gpt.config import TrainConfig
+from runs.cli import add_config_args, add_policy_arg, config_from_args, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--controller", default="pid",
                    help="controller name, optionally with parameters: name:key=value,key=value "
                         "(constant, linear, exponential, val_loss, early, late, curriculum, pid, ppo)")
-    p.add_argument("--policy", default=None, help="trained policy (.zip) for --controller ppo")
+    add_policy_arg(p)
     p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -40,8 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    preset = args.preset if args.preset != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
-    cfg = config_from_args(args, preset)
+    cfg = config_from_args(args, args.preset)
     ckpt = None
     if args.resume:
         out = Path(cfg.out or f"out/{run_name(cfg, args.controller)}")
@@ -49,17 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         saved = ckpt["config"]
         saved.update(out=str(out), progress=cfg.progress, wandb=cfg.wandb)
         cfg = TrainConfig(**saved)
-        spec, policy = ckpt["meta"]["controller"], ckpt["meta"].get("policy")
+        # checkpoints of older code kept the policy beside the spec
+        spec = with_policy(ckpt["meta"]["controller"], ckpt["meta"].get("policy"))
         print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
     else:
-        spec, policy = args.controller, args.policy
+        if args.policy is not None and spec_name(args.controller) != "ppo":
+            raise UserError("--policy is only used with --controller ppo")
+        spec = with_policy(args.controller, args.policy)
         cfg.out = cfg.out or f"out/{run_name(cfg, spec)}"
         if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()) and not args.overwrite:
             raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or --out to choose another folder")
-    if policy is not None and not spec.startswith("ppo"):
-        raise UserError("--policy is only used with --controller ppo")
-    trainer = make_trainer(cfg, spec, policy, ckpt=ckpt)  # loads data: may raise
+    trainer = make_trainer(cfg, spec, ckpt=ckpt)  # loads data: may raise
     print(f"{cfg.preset} preset, {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.device}, "
           f"compile={trainer.use_compile}, controller {trainer.controller!r}, out {cfg.out}, wandb {trainer.logger.mode}")
     try:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controllers import UserError
-from gpt.config import add_dataclass_args, option
-from runs.common import run_cli
+from dyndrop import UserError
+from gpt.config import option
+from runs.cli import add_dataclass_args, run_cli
 
 
 @dataclass

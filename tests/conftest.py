@@ -9,9 +9,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture(scope="session")
 def chardata():
-    """The real dataset on the CPU, loaded once (DYNDROP_DATA_DIR, the cache, or a download)."""
-    from gpt import CharData
-    return CharData.load()
+    """The real dataset on the CPU, loaded once per session (DYNDROP_DATA_DIR, the cache, or a download) and
+    shared with every trainer and env the tests build (``gpt.shared_data``)."""
+    from gpt import shared_data
+    return shared_data()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from controllers import TrainingStats
 from gpt import make_config
-from gpt.bench import AlternatingRate, protocol_evaluations
+from bench.speed import AlternatingRate, protocol_evaluations
 from runs.bench import cli
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--iters", "6", "--ref-iters", "4", "--eval-passes", "2",
@@ -130,7 +130,7 @@ def test_sampling_can_be_skipped_and_a_profile_added(tmp_path, capsys):
 
 def test_a_failing_compiled_decode_step_is_reported_not_fatal(monkeypatch):
     from gpt import GPT, GPTConfig
-    from gpt.bench import measure_sampling
+    from bench.speed import measure_sampling
 
     def broken(self):
         def step(*args):

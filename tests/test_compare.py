@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from controllers import UserError
-from gpt.experiment import default_target, mean_ci, paired_test, parse_controllers, pick_baseline
+from dyndrop import UserError
+from controllers import parse_controllers
+from experiments.stats import default_target, mean_ci, paired_test, pick_baseline
 from runs.compare import cli as compare_cli
 from runs.report import cli as report_cli
 
@@ -173,3 +174,30 @@ def test_parallel_workers_give_the_same_results_as_one_process(comparison, tmp_p
                   for t in json.loads((comparison / "results.json").read_text())["trials"]}
     for spec in ("constant:rate=0", "constant:rate=0.1"):
         assert rows[spec]["best_val_loss"] == sequential[(spec, 1337)]  # one thread each: bitwise the same
+
+
+def test_offline_comparison_puts_every_wandb_run_under_one_folder(tmp_path):
+    """`wandb leet <out>/wandb` browses the whole comparison: every trial's run and the table's sit there,
+    and wandb's own reader finds each trial's best_val_loss in its summary."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "cmp"
+    args = [a for a in SHORT if a not in ("--wandb", "disabled")]
+    assert compare_cli([*args, "--wandb", "offline", "--controllers", "constant@0,0.1", "--seeds", "1",
+                        "--out", str(out)]) == 0
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3  # two trials and the table
+    assert not list((out / "trials").glob("*/wandb"))
+    wandb_cli = shutil.which("wandb")
+    assert wandb_cli, "the wandb command comes with the wandb package"
+    summaries = {}
+    for run in runs:
+        res = subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json", str(run)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        record = json.loads(res.stdout)
+        summaries[record["name"]] = record["summary"]
+    assert set(summaries) == {"constant:rate=0-s1337", "constant:rate=0.1-s1337", "cmp-table"}
+    for name in ("constant:rate=0-s1337", "constant:rate=0.1-s1337"):
+        assert 0 < summaries[name]["best_val_loss"] < 4.2, summaries[name]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controllers import CONTROLLERS, TrainingStats, UserError, check_rate, make_controller
+from controllers import CONTROLLERS, TrainingStats, check_rate, make_controller
+from dyndrop import UserError
 from controllers.pid import PIDController
 from controllers.schedules import ValLossRule
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from controllers.errors import UserError
+from dyndrop import UserError
 from gpt.data import (
     DATA_ENV_VAR,
     DATASET_SUBPATH,

@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from controllers import TrainingStats, UserError
+from controllers import TrainingStats
+from dyndrop import UserError
 from controllers.features import FEATURES, Featurizer, action_to_rates
 
 # A shortened tiny episode: 4 decisions of 10 steps, 2 evaluation batches per split (~0.5 s).
@@ -18,8 +19,6 @@ SHORT = dict(max_iters=40, interval=10, config={"eval_iters": 2})
 @pytest.fixture(scope="module")
 def env_cls(chardata):
     import envs
-    from envs import dropout_env
-    dropout_env._DATA.setdefault("", chardata)  # share the session's dataset instead of reading it again
     return envs.DropoutEnv
 
 

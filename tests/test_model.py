@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from controllers import UserError
+from dyndrop import UserError
 from gpt import GPT, GPTConfig
 from gpt.model import dropout_cpu, fused_attention_with_dropout, sample_token
 
@@ -78,7 +78,8 @@ def test_cpu_dropout_drops_at_the_rate_and_keeps_the_mean(rate):
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), [0.1, 0.2]])
 def test_bad_rates_are_rejected(bad):
-    with pytest.raises(UserError):
+    """The model refuses bad rates outright (callers from outside, the trainer, turn them into a UserError)."""
+    with pytest.raises(ValueError):
         small(3).set_dropout(bad)
 
 

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from controllers import UserError, make_controller
+from controllers import make_controller
+from dyndrop import UserError
 from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates
 
 ENV_ARGS = ["--max-iters", "40", "--interval", "10", "--eval-iters", "2"]
@@ -16,10 +17,8 @@ ENV_ARGS = ["--max-iters", "40", "--interval", "10", "--eval-iters", "2"]
 @pytest.fixture(scope="module")
 def policy(chardata, tmp_path_factory):
     """Train PPO for 16 env steps (2 envs x 8) on 4-decision episodes; returns the policy's path."""
-    from envs import dropout_env
     from runs import train_policy
 
-    dropout_env._DATA.setdefault("", chardata)
     out = tmp_path_factory.mktemp("ppo")
     code = train_policy.main(["--out", str(out), "--total-timesteps", "16", "--n-steps", "8", "--batch-size", "8",
                               "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled", "--no-progress",
@@ -147,4 +146,65 @@ def test_eval_policy_prints_the_table(policy, capsys):
 
     assert eval_policy.main(["--policy", str(policy), "--seeds", "9000", "--baselines", "constant:rate=0.0"]) == 0
     out = capsys.readouterr().out
-    assert "best val loss" in out and "ppo - constant:rate=0.0 (best fixed)" in out
+    assert "best val loss" in out and "Δ vs constant:rate=0.0 (best fixed)" in out
+    assert any(line.startswith("ppo ") and "Δ" in line for line in out.splitlines())
+
+
+# -- one road for the policy: --policy PATH is short for ppo:policy=PATH -------------------------------
+
+TINY_RUN = ["--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--gen-tokens", "0",
+            "--no-progress", "--wandb", "disabled"]
+
+
+def test_with_policy_folds_the_path_into_the_spec():
+    from controllers import with_policy
+    assert with_policy("ppo", "p.zip") == "ppo:policy=p.zip"
+    assert with_policy("ppo:p_min=0", "p.zip") == "ppo:p_min=0,policy=p.zip"  # the policy is not dropped
+    assert with_policy("ppo:policy=p.zip", "p.zip") == "ppo:policy=p.zip"
+    assert with_policy("constant:rate=0.1", "p.zip") == "constant:rate=0.1"
+    assert with_policy("ppo", None) == "ppo"
+    with pytest.raises(UserError, match="give one of them"):
+        with_policy("ppo:policy=a.zip", "b.zip")
+
+
+def test_train_takes_the_policy_either_way(policy, tmp_path):
+    from runs import train
+
+    curves = []
+    for i, controller in enumerate((["--controller", "ppo", "--policy", str(policy)],
+                                    ["--controller", f"ppo:policy={policy}"],
+                                    ["--controller", "ppo:p_min=0", "--policy", str(policy)])):
+        out = tmp_path / f"run{i}"
+        assert train.cli([*controller, *TINY_RUN, "--out", str(out)]) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        curves.append([(r["iter"], r.get("val/loss"), r.get("dropout/rate")) for r in records])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["controller_params"]["policy"] == str(policy)
+    assert curves[0] == curves[1] == curves[2]
+
+
+def test_compare_takes_the_policy_either_way(policy, tmp_path):
+    from runs import compare
+
+    args = [*TINY_RUN, "--threads", "1", "--seeds", "1", "--no-warm-up"]
+    tables = []
+    for i, controllers in enumerate((["--controllers", "constant@0,ppo", "--policy", str(policy)],
+                                     ["--controllers", f"constant@0,ppo:policy={policy}"])):
+        out = tmp_path / f"cmp{i}"
+        assert compare.cli([*args, *controllers, "--out", str(out)]) == 0
+        table = json.loads((out / "results.json").read_text())
+        tables.append({r["controller"]: r["best_val_loss"] for r in table["rows"]})
+        assert sorted(p.name for p in (out / "trials").iterdir())[0].startswith("constant")
+    assert tables[0] == tables[1] and f"ppo:policy={policy}" in tables[0]
+
+
+def test_eval_policy_takes_the_policy_either_way(policy, tmp_path):
+    from runs import eval_policy
+
+    results = []
+    for i, controller in enumerate((["--policy", str(policy)], ["--controller", f"ppo:policy={policy}"])):
+        out = tmp_path / f"eval{i}.json"
+        assert eval_policy.cli([*controller, "--seeds", "9000", "--baselines", "constant:rate=0.0",
+                                "--max-iters", "20", "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text())["best_val_loss"])
+    assert results[0] == results[1]

@@ -35,12 +35,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from controllers import Controller, TrainingStats, UserError
-
-from .config import TrainConfig
-from .data import CharData
-from .model import GPT
-from .trainer import Trainer, make_optimizer, model_config, seed_everything
+from controllers import Controller, TrainingStats
+from dyndrop import UserError
+from gpt.config import TrainConfig
+from gpt.data import CharData
+from gpt.model import GPT
+from gpt.trainer import Trainer, make_optimizer, model_config, seed_everything, sync
 
 SPLITS = ("train", "val")
 
@@ -232,7 +232,7 @@ def profile_ours(trainer: Trainer, n_blocks: int, block_iters: int, rows: int = 
     from torch.profiler import ProfilerActivity, profile
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    trainer._sync()
+    trainer.sync()
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         time_ours_blocks(trainer, n_blocks, block_iters)
@@ -246,10 +246,11 @@ def profile_ours(trainer: Trainer, n_blocks: int, block_iters: int, rows: int = 
             "table": events.table(sort_by=sort, row_limit=rows, max_name_column_width=60)}
 
 
-def time_ours_eval(trainer: Trainer) -> float:
-    """One ``Trainer.evaluate`` in ms (it ends with a host read, so the time is complete)."""
+def time_ours_eval(trainer: Trainer, merge: int | None = None) -> float:
+    """One ``Trainer.evaluate`` (``merge`` batches per pass) in ms (it ends with a host read, so the time is
+    complete)."""
     t0 = time.perf_counter()
-    trainer.evaluate()
+    trainer.evaluate(merge)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -263,11 +264,6 @@ def summarize(ms: list[float]) -> dict[str, float]:
 def protocol_evaluations(cfg: TrainConfig) -> int:
     """Evaluations in a full run: every ``eval_interval`` steps from step 0, and at the last step."""
     return cfg.max_iters // cfg.eval_interval + 1 + (1 if cfg.max_iters % cfg.eval_interval else 0)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rng_state(device: torch.device) -> torch.Tensor:
@@ -402,13 +398,11 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
     if s.profile_iters:
         log(f"profiling {math.ceil(s.profile_iters / block) * block} iterations of ours")
         profiled = profile_ours(trainer, math.ceil(s.profile_iters / block), block)
-    eval_merge, by_merge = trainer.eval_merge, {}
+    eval_merge, by_merge = cfg.eval_merge, {}
     for k in s.eval_merge_sweep:
         log(f"evaluation with {k} batch(es) per pass: {s.eval_passes} timed passes")
-        trainer.eval_merge = k
-        trainer.evaluate()  # compiles this batch shape
-        by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer) for _ in range(s.eval_passes)))
-    trainer.eval_merge = eval_merge
+        trainer.evaluate(k)  # compiles this batch shape
+        by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer, k) for _ in range(s.eval_passes)))
 
     log("checks: rate 0 draws no random numbers" + ("; sampling with and without the KV cache" if s.sampling else ""))
     x, y = ref.get_batch("train")

@@ -1,8 +1,7 @@
 """The one exception type that means "the user asked for something we cannot do".
 
 Command-line entry points print its message as a single line and exit with status 2; every other
-exception is a bug and keeps its traceback. It lives here because ``controllers`` is the bottom layer
-that every other package may import.
+exception is a bug and keeps its traceback.
 """
 
 

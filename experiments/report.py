@@ -1,6 +1,6 @@
 """A local report of a comparison: PNG figures and one HTML page, viewable with no wandb account.
 
-:func:`write_report` rebuilds the table from the trial folders (``gpt.experiment.aggregate``), draws
+:func:`write_report` rebuilds the table from the trial folders (:func:`experiments.tables.aggregate`), draws
 
 - ``val_loss.png``: validation loss against iteration, per controller: mean over seeds, band = range
   over seeds (whole run, and a zoom on the second half where controllers differ);
@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .experiment import METRICS, Comparison, Table, TrialResult, aggregate, format_p, load_results, write_tables
+from .comparison import Comparison
+from .tables import Table, aggregate, header, row_cells, write_tables
+from .trials import TrialResult
 
 FIGURES = {
     "val_loss": "Validation loss (mean over seeds; band = range over seeds)",
@@ -152,29 +154,11 @@ def draw_figures(comparison: Comparison, table: Table, results: list[TrialResult
     return paths
 
 
-def _cell(row: dict[str, Any], key: str, digits: int) -> str:
-    mean, low, high = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
-    if mean is None:
-        return "–"
-    if low is None:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} <small>[{low:.{digits}f}, {high:.{digits}f}]</small>"
-
-
 def html_table(table: Table) -> str:
-    digits = {"best_val_loss": 4, "final_train_loss": 4, "iters_to_target": 0, "secs_to_target": 1,
-              "total_train_time_s": 1, "train_tokens_per_s": 0, "inference_tokens_per_s": 0}
-    head = ["controller", "n", *METRICS.values(), "reached target", "Δ best val vs baseline", "p"]
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header()) + "</tr>"]
     for row in table.rows:
-        name = html.escape(row["controller"])
-        cells = [f"<b>{name}</b> (baseline)" if row["baseline"] else name,
-                 f"{row['n']}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else ""),
-                 *(_cell(row, k, digits[k]) for k in METRICS), f"{row['reached_target']}/{row['n']}",
-                 "–" if row["baseline"] else _cell(row, "delta_best_val_loss", 4),
-                 "–" if row["baseline"] else format_p(row["p_value"])]
         cls = ' class="baseline"' if row["baseline"] else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row_cells(row, as_html=True)) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -194,7 +178,7 @@ def write_report(out: str | Path) -> Path:
     """Rebuild the table of the comparison in ``out`` and write ``report.html`` and ``figures/*.png`` there."""
     out = Path(out)
     comparison = Comparison.load(out)
-    results = load_results(comparison)
+    results = comparison.results()
     table = aggregate(comparison, results)
     write_tables(table, out)  # so results.* always match the page, also for a partly finished comparison
     paths = draw_figures(comparison, table, results, out / "figures")

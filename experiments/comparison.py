@@ -1,0 +1,163 @@
+"""A comparison: every controller × seed under one base config, in one folder, run in this process or in
+worker processes.
+
+Its folder holds ``comparison.json`` (what was asked), ``trials/<controller>-s<seed>/`` (one training run
+each, see :mod:`experiments.trials`), ``wandb/`` (every trial's wandb run and the table's), and, once
+tabulated, ``results.{md,csv,json}`` (:mod:`experiments.tables`) and ``report.html``
+(:mod:`experiments.report`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from controllers import with_policy
+from dyndrop import UserError, read_json, write_json
+from gpt.config import TrainConfig
+
+from .trials import Trial, TrialJob, TrialResult, load_result, run_trial, trial_status
+
+
+@dataclass
+class Comparison:
+    """Every controller × seed under one base config, in one folder.
+
+    :param cfg: the base settings; each trial gets its own ``seed`` and ``out``.
+    :param specs: controller specs (see :func:`controllers.parse_controllers`), ppo specs with their
+        ``policy=PATH``; each is one row of the table.
+    :param seeds: one trial per seed and spec.
+    :param out: the comparison's folder.
+    :param name: the comparison's name (default: the folder's name); the wandb group is ``compare-<name>``
+        unless ``cfg.wandb_group`` is set.
+    :param jobs: trials run at once, each in its own worker process (1 = in this process).
+    :param threads: torch CPU threads per trial; None = all cores divided by ``jobs``.
+    :param target: validation loss for "iterations/seconds to target"; None = the default rule
+        (:func:`experiments.stats.default_target`).
+    :param baseline: spec of the baseline row; None = the best constant rate.
+    :param warm_up: before its first trial, each process trains a throwaway 2-step run
+        (:func:`experiments.trials.warm_up`).
+    """
+
+    cfg: TrainConfig
+    specs: list[str]
+    seeds: list[int]
+    out: Path
+    name: str = ""
+    jobs: int = 1
+    threads: int | None = None
+    target: float | None = None
+    baseline: str | None = None
+    warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.name = self.name or self.out.resolve().name
+        if self.jobs < 1:
+            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
+        if not self.seeds:
+            raise UserError("--seeds must give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"--seeds repeats a seed: {self.seeds}")
+        if self.baseline is not None and self.baseline not in self.specs:
+            raise UserError(f"--baseline {self.baseline!r} is not one of the controllers: {', '.join(self.specs)}")
+
+    @property
+    def group(self) -> str:
+        """The wandb group shared by every run of this comparison."""
+        return self.cfg.wandb_group or f"compare-{self.name}"
+
+    @property
+    def trials(self) -> list[Trial]:
+        """Seed-major order, so an interrupted comparison has whole seeds done.
+
+        Each seed starts the controller list one further along (a Latin-square rotation), so whatever
+        the first trial of a process pays once (allocator and kernel warm-up, torch.compile caches)
+        does not always fall on the same controller.
+        """
+        n = len(self.specs)
+        return [Trial(self.specs[(i + j) % n], seed) for i, seed in enumerate(self.seeds) for j in range(n)]
+
+    def folder(self, trial: Trial) -> Path:
+        return self.out / "trials" / trial.folder_name
+
+    def trial_config(self, trial: Trial) -> TrainConfig:
+        return dataclasses.replace(self.cfg, seed=trial.seed, out=str(self.folder(trial)))
+
+    def save(self) -> None:
+        """Write ``comparison.json``: what ``runs.report`` needs to rebuild the table."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "comparison.json", {
+            "name": self.name, "group": self.group, "preset": self.cfg.preset, "specs": self.specs,
+            "seeds": self.seeds, "jobs": self.jobs, "target": self.target, "baseline": self.baseline,
+            "config": asdict(self.cfg)})
+
+    @classmethod
+    def load(cls, out: str | Path) -> Comparison:
+        """The comparison saved in ``out``. Raises ``UserError`` naming the file if it is missing or corrupt."""
+        out = Path(out)
+        path = out / "comparison.json"
+        if not path.is_file():
+            raise UserError(f"{out} is not a comparison folder (no comparison.json); run python -m runs.compare first")
+        r = read_json(path, "comparison record")
+        try:
+            known = {f.name for f in dataclasses.fields(TrainConfig)}  # settings added or dropped since stay readable
+            cfg = TrainConfig(**{k: v for k, v in r["config"].items() if k in known})
+            # comparisons written before the policy travelled inside the spec kept it apart
+            specs = [with_policy(s, r.get("policy")) for s in r["specs"]]
+            return cls(cfg=cfg, specs=specs, seeds=[int(s) for s in r["seeds"]], out=out, name=r["name"],
+                       jobs=int(r.get("jobs", 1)), target=r.get("target"), baseline=r.get("baseline"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"comparison record {path} is corrupt ({type(e).__name__}: {e}); "
+                            "rerun python -m runs.compare with the same settings to rewrite it") from None
+
+    def pending(self) -> list[Trial]:
+        """Trials not finished yet (raises ``UserError`` if a finished one has other settings)."""
+        return [t for t in self.trials if trial_status(self.folder(t), self.trial_config(t), t.spec) == "todo"]
+
+    def results(self) -> list[TrialResult]:
+        """Every trial that finished (done or diverged), in trial order."""
+        found = (load_result(t, self.folder(t), self.trial_config(t)) for t in self.trials)
+        return [r for r in found if r is not None]
+
+    def job(self, trial: Trial, progress: bool) -> TrialJob:
+        cfg = dataclasses.replace(self.trial_config(trial), progress=progress)
+        threads = self.threads
+        if threads is None and self.jobs > 1:  # workers on one CPU must not each take every core
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        return TrialJob(cfg=cfg, spec=trial.spec, name=trial.run_name, group=self.group, comparison=self.name,
+                        concurrent=self.jobs, threads=threads, wandb_dir=str(self.out), warm_up=self.warm_up)
+
+    def run(self, on_done: Callable[[Trial, dict[str, Any]], None] | None = None) -> list[Trial]:
+        """Run every pending trial; ``on_done(trial, summary)`` after each. Returns the trials run.
+
+        With ``jobs > 1`` the trials run in that many spawned worker processes (each loads the data
+        itself); a worker that raises stops the comparison once the trials already running end.
+        """
+        self.save()
+        todo = self.pending()
+        if self.jobs == 1:
+            for trial in todo:
+                summary = run_trial(self.job(trial, progress=self.cfg.progress))
+                if on_done:
+                    on_done(trial, summary)
+            return todo
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(run_trial, self.job(t, progress=False)): t for t in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    if fut.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise fut.exception()
+                    if on_done:
+                        on_done(futures[fut], fut.result())
+        return todo
