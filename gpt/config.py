@@ -57,6 +57,8 @@ class TrainConfig:
     compile: bool | None = option(None, "torch.compile the model; default: on for CUDA, off for CPU")
     compile_mode: str = option("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune")
     data: str | None = option(None, "tinyshakespeare input.txt or a folder holding shakespeare_char/input.txt")
+    train_chars: int = option(0, "train on the first N characters of the training split only (validation stays "
+                                 "the standard last 10 %); 0 = the whole split")
     out: str = option("", "the run's folder; default out/<preset>-<controller>-s<seed>")
     checkpoint: bool = option(True, "write last/best checkpoints at every evaluation")
     progress: bool = option(True, "show a progress bar")
@@ -78,6 +80,11 @@ class TrainConfig:
             raise UserError(f"--attention-dropout must be manual or fused, not {self.attention_dropout!r}")
         if self.eval_merge < 1:
             raise UserError(f"eval_merge must be at least 1, got {self.eval_merge}")
+        if self.train_chars < 0:
+            raise UserError(f"--train-chars must be >= 0 (0 = the whole training split), got {self.train_chars}")
+        if 0 < self.train_chars <= self.block_size:
+            raise UserError(f"--train-chars {self.train_chars} is too small for one window of block_size "
+                            f"{self.block_size} + 1 characters; use at least {self.block_size + 1}")
         if self.max_iters < 0:
             raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
         if self.n_embd % self.n_head:

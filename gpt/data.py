@@ -236,6 +236,14 @@ class CharData:
         file = resolve_dataset(path)
         return cls(file.read_text(encoding="utf-8"), device, source=file)
 
+    def train_split(self, n_chars: int = 0) -> torch.Tensor:
+        """The first ``n_chars`` tokens of the training split (all of it for 0). Raises ``UserError`` if
+        ``n_chars`` is larger than the split."""
+        if n_chars > len(self.train):
+            raise UserError(f"--train-chars {n_chars} is larger than the training split "
+                            f"({len(self.train)} characters); use at most {len(self.train)}, or 0 for all of it")
+        return self.train[:n_chars] if n_chars else self.train
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars)

@@ -250,10 +250,11 @@ class Trainer:
         self.fwd = (torch.compile(self.model, mode=cfg.compile_mode, dynamic=False) if self.use_compile
                     else self.model)
 
-        self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+        train = self.data.train_split(cfg.train_chars)
+        self.sampler = BatchSampler(train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
         # Evaluation batches come from their own seed stream, so they never depend on training.
         self.eval_batches = {
-            split: fixed_eval_batches(getattr(self.data, split), cfg.block_size, cfg.batch_size,
+            split: fixed_eval_batches(train if split == "train" else self.data.val, cfg.block_size, cfg.batch_size,
                                       cfg.eval_iters, seed=cfg.seed + 10_000 + i)
             for i, split in enumerate(("train", "val"))}
 

@@ -327,3 +327,29 @@ def test_cuda_sampling_never_syncs_with_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
+
+
+def test_train_chars_limits_training_and_keeps_the_standard_validation(shakespeare):
+    """--train-chars N: the sampler and the training evaluation batches draw only from the first N characters
+    of the training split; validation is the file's last 10 % whatever N is."""
+    import dataclasses
+
+    from gpt import Trainer, make_config
+
+    cfg = make_config("tiny", train_chars=500, max_iters=0, wandb="disabled", progress=False, checkpoint=False)
+    trainer = Trainer(cfg, data=shakespeare)
+    assert trainer.sampler.data.data_ptr() == shakespeare.train.data_ptr() and len(trainer.sampler.data) == 500
+    x, y = trainer.eval_batches["train"]
+    train_text = shakespeare.train[:500]
+    windows = {tuple(train_text[i:i + cfg.block_size].tolist()) for i in range(500 - cfg.block_size)}
+    assert all(tuple(row.tolist()) in windows for row in x.flatten(0, 1))
+    full = Trainer(dataclasses.replace(cfg, train_chars=0), data=shakespeare)
+    assert torch.equal(trainer.eval_batches["val"].x, full.eval_batches["val"].x)
+
+
+@pytest.mark.parametrize("n, words", [(-1, ">= 0"), (32, "too small"), (10**7, "larger than the training split")])
+def test_bad_train_chars_is_a_user_error(shakespeare, n, words):
+    from gpt import Trainer, make_config
+
+    with pytest.raises(UserError, match=words):
+        Trainer(make_config("tiny", train_chars=n, wandb="disabled"), data=shakespeare)
