@@ -10,7 +10,7 @@ import inspect
 import math
 import numbers
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Sequence, Union
 
 from dyndrop import UserError

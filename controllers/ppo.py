@@ -1,50 +1,22 @@
 """``ppo``: deploy a policy trained in ``DynamicDropout-v0`` (``runs.train_policy``) as a controller.
 
-The policy is a stable-baselines3 ``.zip``; beside it, ``<name>.json`` records what the env used
-(feature version, action bounds, per-layer, preset, reward, library versions). The controller sees the
-run through the same :class:`~controllers.features.Featurizer` and maps the action with the same
+The policy is a ``.safetensors`` file of weights with its ``.json`` metadata beside it (see
+:mod:`controllers.policy_file`: nothing in either is executed when read). The controller sees the run
+through the same :class:`~controllers.features.Featurizer` and maps the action with the same
 :func:`~controllers.features.action_to_rates`, so it acts in deployment exactly as in training.
 stable-baselines3 (and so torch) is imported only when a policy is loaded: ``import controllers``
 stays torch-free.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import Controller, Rate, TrainingStats, register
 from dyndrop import UserError
-from .features import FEATURE_VERSION, Featurizer, action_to_rates, check_bounds
-
-
-def metadata_path(policy: str | Path) -> Path:
-    """Where a policy's metadata lives: ``policy.zip`` -> ``policy.json``."""
-    return Path(policy).with_suffix(".json")
-
-
-def read_metadata(policy: str | Path) -> dict[str, Any]:
-    """The policy's metadata, checked against this code. Raises ``UserError`` with one line if unusable."""
-    path = metadata_path(policy)
-    if not Path(policy).is_file():
-        raise UserError(f"policy {policy} does not exist; train one with python -m runs.train_policy")
-    if not path.is_file():
-        raise UserError(f"policy {policy} has no metadata file {path}; it was not saved by runs.train_policy")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"policy metadata {path} is unreadable ({type(e).__name__})") from None
-    version = meta.get("feature_version") if isinstance(meta, dict) else None
-    if version != FEATURE_VERSION:
-        raise UserError(f"policy {policy} was trained on features {version!r}, but this code computes "
-                        f"{FEATURE_VERSION!r}; retrain it with python -m runs.train_policy")
-    try:
-        check_bounds(float(meta["p_min"]), float(meta["p_max"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"policy metadata {path} has bad action bounds: {e}") from None
-    return meta
+from .features import FEATURE_VERSION, Featurizer, action_to_rates
+from .policy_file import load_policy
 
 
 @register
@@ -54,7 +26,7 @@ class PPOController(Controller):
     At each control step the featurizer turns ``stats`` into the observation, the policy returns its
     mean action, and the action is mapped onto ``[p_min, p_max]`` as in the env.
 
-    :param policy: path of the stable-baselines3 ``.zip`` saved by ``runs.train_policy``.
+    :param policy: path of the ``.safetensors`` policy saved by ``runs.train_policy``.
     :param p_min: the lowest rate you expect the policy to use; -1 = whatever it was trained with. A value
         that differs from the policy's is refused (a policy cannot be rescaled after training).
     :param p_max: the highest rate you expect; -1 = the policy's; refused if it differs.
@@ -65,21 +37,15 @@ class PPOController(Controller):
     def __init__(self, policy: str = "", p_min: float = -1.0, p_max: float = -1.0) -> None:
         super().__init__()
         if not policy:
-            raise UserError("controller 'ppo' needs a policy: --controller ppo --policy PATH.zip")
-        meta = read_metadata(policy)
+            raise UserError("controller 'ppo' needs a policy: --controller ppo --policy PATH.safetensors")
+        self.network, meta = load_policy(policy)
         for key, wanted in (("p_min", p_min), ("p_max", p_max)):
             if wanted != -1.0 and not np.isclose(wanted, float(meta[key])):
                 raise UserError(f"policy {policy} was trained with {key}={meta[key]}, not {wanted}; "
                                 f"drop {key} or retrain with the bounds you want")
         self.policy, self.meta = str(policy), meta
         self.p_min, self.p_max = float(meta["p_min"]), float(meta["p_max"])
-        self.model = _load_sb3(policy)
-        obs_shape = tuple(self.model.observation_space.shape)
-        if obs_shape != (Featurizer.dim,):
-            raise UserError(f"policy {policy} observes {obs_shape}, but the features have shape ({Featurizer.dim},)")
-        self.n_actions = int(np.prod(self.model.action_space.shape))
-        if self.n_actions != (int(meta["n_layer"]) if meta.get("per_layer") else 1):
-            raise UserError(f"policy {policy} has {self.n_actions} actions, which its metadata does not explain")
+        self.n_actions = int(meta["network"]["n_actions"])
         self.featurizer = Featurizer()
         self.last_action = np.zeros(self.n_actions, dtype=np.float32)
 
@@ -92,7 +58,7 @@ class PPOController(Controller):
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The policy's deterministic action for one observation."""
-        action, _ = self.model.predict(obs, deterministic=True)
+        action, _ = self.network.predict(obs, deterministic=True)
         return np.asarray(action, dtype=np.float32).reshape(-1)
 
     def _update(self, stats: TrainingStats) -> Rate:
@@ -112,13 +78,3 @@ class PPOController(Controller):
                             f"not {FEATURE_VERSION!r}; start a new run")
         self.featurizer.load_state_dict(state["featurizer"])
         self.last_action = np.array(state["last_action"], dtype=np.float32)
-
-
-def _load_sb3(policy: str | Path) -> Any:
-    """Load the sb3 PPO model on the CPU (imports stable-baselines3 and torch only now)."""
-    from stable_baselines3 import PPO
-
-    try:
-        return PPO.load(str(policy), device="cpu")
-    except Exception as e:  # a foreign or truncated zip raises several types
-        raise UserError(f"policy {policy} is not a loadable stable-baselines3 PPO model ({type(e).__name__}: {e})") from None

@@ -13,10 +13,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from controllers import TrainingStats
 from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates, check_bounds
 from dyndrop import UserError
 from gpt import Diverged, Trainer, make_config, shared_data
-from gpt.config import TrainConfig
+from gpt.config import MAX_SEED, TrainConfig
 from gpt.trainer import resolve_device
 
 REWARDS = ("best_val", "val", "final")
@@ -135,11 +136,21 @@ class DropoutEnv(gym.Env):
     # -- gymnasium API --------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        options = options or {}
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"instance", "split"})
+        if unknown or len(options) > 1:
+            raise ValueError(f"reset options take one of 'instance' (a seed) or 'split' ('train' or 'eval'), "
+                             f"got {sorted(options)}")
         if "instance" in options:
-            self.instance = int(options["instance"])
+            k = options["instance"]
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SEED:
+                raise ValueError(f"options['instance'] must be a seed, an integer in [0, {MAX_SEED}], not {k!r}")
+            self.instance = int(k)
         else:
-            seeds = self.eval_seeds if options.get("split", self.split) == "eval" else self.train_seeds
+            split = options.get("split", self.split)
+            if split not in ("train", "eval"):
+                raise ValueError(f"options['split'] must be 'train' or 'eval', not {split!r}")
+            seeds = self.eval_seeds if split == "eval" else self.train_seeds
             self.instance = int(seeds[int(self.np_random.integers(len(seeds)))])
         cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
                              **self.config_overrides)
@@ -153,7 +164,10 @@ class DropoutEnv(gym.Env):
 
     def step(self, action):
         if self.trainer is None:
-            raise RuntimeError("call reset() before step()")
+            raise RuntimeError("the episode has not started or has ended; call reset() before step()")
+        shape = np.shape(action)
+        if shape != self.action_space.shape:
+            raise ValueError(f"an action of shape {shape} does not fit the action space {self.action_space}")
         trainer = self.trainer
         rates = trainer.set_dropout(action_to_rates(action, self.p_min, self.p_max, self.base_config.n_layer))
         try:
@@ -177,9 +191,11 @@ class DropoutEnv(gym.Env):
             reward = math.log(self.best0 / best) if done else 0.0
         self.prev_best, self.prev_val = best, val
         info = {**self._info(stats), "rates": rates}
+        if done:
+            self.trainer = None  # gymnasium's rule: a finished episode steps again only after reset()
         return self.featurizer.observe(stats), float(reward * self.reward_scale), done, False, info
 
-    def _info(self, stats=None) -> dict[str, Any]:
+    def _info(self, stats: TrainingStats | None = None) -> dict[str, Any]:
         stats = stats or self.trainer.stats()
         return {"instance": self.instance, "iteration": stats.iteration, "val_loss": stats.eval_val_loss,
                 "best_val_loss": stats.best_val_loss, "rate": stats.rate}

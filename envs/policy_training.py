@@ -1,13 +1,12 @@
 """The pieces ``runs.train_policy`` wires together: vectorised envs, callbacks, and saving a policy.
 
-A saved policy is two files: ``<name>.zip`` (stable-baselines3) and ``<name>.json`` (the metadata the
-``ppo`` controller checks before it deploys the policy: see :func:`save_policy`).
+A saved policy is two files: ``<name>.safetensors`` (the policy network's weights) and ``<name>.json`` (how
+to rebuild the network, and the metadata the ``ppo`` controller checks before it deploys the policy): see
+:mod:`controllers.policy_file`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from controllers.ppo import metadata_path
+from controllers import policy_file
 
 from .dropout_env import DropoutEnv
 
@@ -42,19 +41,14 @@ def make_vec_env(n_envs: int, env_kwargs: dict[str, Any], seed: int, subproc: bo
 
 
 def save_policy(model: Any, path: str | Path, env_meta: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` to ``path`` (.zip) and its metadata beside it (.json); returns the zip's path."""
+    """Save ``model``'s policy network as ``<path>.safetensors`` with its metadata in ``<path>.json``
+    (:mod:`controllers.policy_file`); returns the weights' path."""
     import stable_baselines3
     import torch
 
-    path = Path(path).with_suffix(".zip")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path))
     meta = {**env_meta, "sb3_version": stable_baselines3.__version__, "gymnasium_version": gym.__version__,
             "torch_version": torch.__version__, "num_timesteps": int(model.num_timesteps), **(extra or {})}
-    tmp = metadata_path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, metadata_path(path))
-    return path
+    return policy_file.save_policy(model.policy, path, meta)
 
 
 class EpisodeStatsCallback(BaseCallback):
@@ -75,7 +69,7 @@ class EpisodeStatsCallback(BaseCallback):
 
 
 class PolicyCheckpointCallback(BaseCallback):
-    """Every ``every`` env steps, save the policy (with metadata) as ``<folder>/policy_<steps>.zip``."""
+    """Every ``every`` env steps, save the policy (with metadata) as ``<folder>/policy_<steps>.safetensors``."""
 
     def __init__(self, every: int, folder: str | Path, env_meta: dict[str, Any]) -> None:
         super().__init__()

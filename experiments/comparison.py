@@ -9,6 +9,7 @@ tabulated, ``results.{md,csv,json}`` (:mod:`experiments.tables`) and ``report.ht
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from controllers import with_policy
 from dyndrop import UserError, read_json, write_json
-from gpt.config import TrainConfig
+from gpt.config import MAX_SEED, TrainConfig
 
 from .trials import Trial, TrialJob, TrialResult, load_result, run_trial, trial_status
 
@@ -56,7 +57,14 @@ class Comparison:
         self.out = Path(self.out)
         self.name = self.name or self.out.resolve().name
         if self.jobs < 1:
-            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
+            raise UserError(f"--jobs {self.jobs} is invalid: it must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads} is invalid: it must be at least 1")
+        if self.target is not None and not (math.isfinite(self.target) and self.target > 0):
+            raise UserError(f"--target {self.target} is invalid: it must be a finite loss > 0")
+        bad = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise UserError(f"--seeds {bad[0]} is invalid: seeds must be in [0, {MAX_SEED}]")
         if not self.seeds:
             raise UserError("--seeds must give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):

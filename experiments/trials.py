@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from controllers import make_controller, spec_name, spec_policy
+from controllers import make_controller, spec_policy
 from controllers.specs import slug
 from dyndrop import UserError, read_json, write_json
+from dyndrop.folders import clear_run_folder
 from gpt.config import TrainConfig
+from gpt.tracking import read_records
 
 UNCOMPARED_SETTINGS = ("out", "progress", "wandb", "wandb_project", "wandb_group", "checkpoint", "device")
 """Settings that may differ between a finished trial and a rerun without making the trial stale."""
@@ -38,14 +38,30 @@ def run_name(cfg: TrainConfig, spec: str) -> str:
 # One training run into a folder
 
 
+def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
+    """Build every controller and load the data on the config's device, checking the settings that depend on
+    the data, so a bad input fails before any folder is written. Returns the data (``gpt.shared_data``)."""
+    from gpt.data import shared_data
+    from gpt.trainer import resolve_device
+
+    for spec in specs:
+        make_controller(spec)
+    data = shared_data(cfg.data, resolve_device(cfg.device))
+    data.train_split(cfg.train_chars)
+    if len(data.val) <= cfg.block_size:
+        raise UserError(f"--block-size {cfg.block_size} needs more than {cfg.block_size} characters of validation "
+                        f"text, but {data.source} gives {len(data.val)}; use a smaller --block-size or a longer file")
+    return data
+
+
 def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[str, Any] | None = None,
                  name: str = "", group: str = "", extra_config: dict[str, Any] | None = None,
                  wandb_dir: str | Path | None = None) -> Any:
     """A ``Trainer`` for the controller ``spec`` writing into ``cfg.out``, with its logger open, ready to
     ``train()``.
 
-    A fresh run (``ckpt`` None) first empties ``cfg.out``; a resumed one loads ``ckpt`` and keeps the
-    records up to the checkpoint. The wandb run is named ``name`` (default :func:`run_name`) in group
+    A fresh run (``ckpt`` None) expects ``cfg.out`` to hold no run (the caller clears it); a resumed one loads
+    ``ckpt`` and keeps the records up to the checkpoint. The wandb run is named ``name`` (default :func:`run_name`) in group
     ``group`` (default ``cfg.wandb_group`` or the preset), written under ``wandb_dir`` (default
     ``cfg.out``); its config is ``cfg``, the controller's parameters and ``extra_config``.
 
@@ -57,8 +73,6 @@ def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[st
 
     controller = make_controller(spec)
     data = data if data is not None else shared_data(cfg.data, resolve_device(cfg.device))  # may fail: nothing written yet
-    if ckpt is None and Path(cfg.out).exists():
-        shutil.rmtree(cfg.out)
     config = {**asdict(cfg), "controller": controller.name, "controller_spec": spec,
               **{f"controller.{k}": v for k, v in controller.params().items()}, **(extra_config or {})}
     logger = RunLogger(cfg.out, mode=cfg.wandb, project=cfg.wandb_project,
@@ -68,11 +82,11 @@ def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[st
     try:
         trainer = Trainer(cfg, controller, data=data, logger=logger, meta={"controller": spec})
         if ckpt is not None:
-            trainer.load_state_dict(ckpt)
+            trainer.load_state_dict(ckpt, source=f"checkpoint {Path(cfg.out) / 'ckpt_last.pt'}")
     except BaseException:
         logger.close()
-        if ckpt is None:  # a fresh run that could not start leaves no folder behind
-            shutil.rmtree(cfg.out, ignore_errors=True)
+        if ckpt is None:  # a fresh run that could not start leaves no files behind
+            clear_run_folder(cfg.out)
         raise
     return trainer
 
@@ -189,7 +203,7 @@ def warm_up(cfg: TrainConfig) -> None:
     and non-zero rates are still compiled by the trial that first uses them.
     """
     from gpt.data import shared_data
-    from gpt.trainer import Trainer, resolve_device
+    from gpt.trainer import Diverged, Trainer, resolve_device
 
     key = (cfg.device, cfg.dtype, cfg.compile, cfg.compile_mode, cfg.n_layer, cfg.n_head,
            cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.bias)
@@ -200,8 +214,11 @@ def warm_up(cfg: TrainConfig) -> None:
                                     eval_iters=1, gen_tokens=min(cfg.gen_tokens, 8), out=tmp, checkpoint=False,
                                     progress=False, wandb="disabled")
         # dropout on for the first step and off for the second: the model compiles a graph for each
-        Trainer(short, make_controller("early:rate=0.1,cutoff=0.5"),
-                data=shared_data(cfg.data, resolve_device(cfg.device))).train()
+        try:
+            Trainer(short, make_controller("early:rate=0.1,cutoff=0.5"),
+                    data=shared_data(cfg.data, resolve_device(cfg.device))).train()
+        except Diverged:
+            pass  # the settings diverge: the trials will diverge too, and are recorded as such
     _WARMED.add(key)
 
 
@@ -221,6 +238,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     cfg = job.cfg
     if job.warm_up:
         warm_up(cfg)
+    clear_run_folder(cfg.out)  # an interrupted attempt starts again from scratch
     trainer = make_trainer(cfg, job.spec, data=shared_data(cfg.data, resolve_device(cfg.device)), name=job.name,
                            group=job.group, wandb_dir=job.wandb_dir,
                            extra_config={"comparison": job.comparison, "concurrent_trials": job.concurrent})
@@ -271,26 +289,6 @@ class TrialResult:
             if r.get("val/loss") is not None and r["val/loss"] <= target:
                 return float(r["iter"]), float(r.get("perf/wall_time_s") or math.nan)
         return math.nan, math.nan
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (none if it is missing). Raises ``UserError`` naming the file and
-    line when a line is not a JSON object."""
-    if not path.exists():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "iter" not in record:
-            raise UserError(f"{path} is corrupt at line {n} (not a JSON record with 'iter'); delete the trial's "
-                            "folder to retrain it")
-        records.append(record)
-    return records
 
 
 def load_result(trial: Trial, folder: Path, cfg: TrainConfig) -> TrialResult | None:

@@ -7,6 +7,8 @@ Every field carries its help text (:func:`option`), from which ``runs.cli`` buil
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,27 +74,60 @@ class TrainConfig:
             self.lr_decay_iters = self.max_iters
         if self.control_interval == 0:
             self.control_interval = self.eval_interval
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
-                     "eval_iters", "control_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.attention_dropout not in ("manual", "fused"):
-            raise UserError(f"--attention-dropout must be manual or fused, not {self.attention_dropout!r}")
-        if self.eval_merge < 1:
-            raise UserError(f"eval_merge must be at least 1, got {self.eval_merge}")
-        if self.train_chars < 0:
-            raise UserError(f"--train-chars must be >= 0 (0 = the whole training split), got {self.train_chars}")
-        if 0 < self.train_chars <= self.block_size:
-            raise UserError(f"--train-chars {self.train_chars} is too small for one window of block_size "
-                            f"{self.block_size} + 1 characters; use at least {self.block_size + 1}")
-        if self.max_iters < 0:
-            raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.wandb not in ("auto", "online", "offline", "disabled"):
-            raise UserError(f"--wandb must be online, offline, disabled or auto, not {self.wandb!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise UserError(f"--dtype must be bfloat16, float16, float32 or auto, not {self.dtype!r}")
+        check_config(self)
+
+
+MAX_SEED = 2**63 - 2**20
+"""Largest seed: torch takes 64-bit seeds, and a run derives a few more from its own (evaluation batches)."""
+
+_CHOICES = {
+    "attention_dropout": ("manual", "fused"),
+    "wandb": ("auto", "online", "offline", "disabled"),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+}
+_AT_LEAST = {  # integer settings and their smallest value
+    "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 2, "batch_size": 1, "eval_interval": 1,
+    "eval_iters": 1, "eval_merge": 1, "control_interval": 1, "log_interval": 1, "max_iters": 0,
+    "warmup_iters": 0, "lr_decay_iters": 0, "gen_tokens": 0, "train_chars": 0, "seed": 0,
+}
+_AT_MOST = {  # caps on what a run allocates in proportion to a setting (beyond them: an out-of-memory crash)
+    "seed": MAX_SEED, "gen_tokens": 1_000_000, "eval_iters": 100_000, "eval_merge": 100_000,
+}
+_WHY = {"block_size": " (sampling continues from the last block_size - 1 characters)"}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting in its range, checked once, before anything is written. Raises ``UserError`` naming the
+    option, its value and what it must be."""
+    def bad(name: str, value: Any, must: str) -> UserError:
+        return UserError(f"--{name.replace('_', '-')} {value} is invalid: it must be {must}")
+
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, getattr(cfg, name), "one of " + ", ".join(choices))
+    for name, low in _AT_LEAST.items():
+        if getattr(cfg, name) < low:
+            raise bad(name, getattr(cfg, name), f"at least {low}{_WHY.get(name, '')}")
+    for name, high in _AT_MOST.items():
+        if getattr(cfg, name) > high:
+            raise bad(name, getattr(cfg, name), f"at most {high}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise bad(name, value, "a finite number >= 0" + (" (0 = off)" if name == "grad_clip" else ""))
+    if cfg.min_lr > cfg.learning_rate:
+        raise bad("min_lr", cfg.min_lr, f"at most --learning-rate ({cfg.learning_rate})")
+    for name in ("beta1", "beta2"):
+        if not (0.0 <= getattr(cfg, name) < 1.0):
+            raise bad(name, getattr(cfg, name), "in [0, 1)")
+    if cfg.n_embd % cfg.n_head:
+        raise bad("n_embd", cfg.n_embd, f"divisible by --n-head ({cfg.n_head})")
+    if 0 < cfg.train_chars <= cfg.block_size:
+        raise bad("train_chars", cfg.train_chars, f"0 or more than --block-size ({cfg.block_size}): one window "
+                                                   f"needs block_size + 1 characters")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
+        raise bad("device", cfg.device, "cpu, cuda, cuda:N, mps or auto")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

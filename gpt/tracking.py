@@ -32,6 +32,33 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def read_records(path: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if it is missing).
+
+    :param drop_torn_last: drop a last line that is not a whole record (a write cut off by a crash or a full
+        disk); resuming a run does this.
+    :raises UserError: naming the file and line, for any other line that is not a JSON record with ``iter``.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "iter" not in record:
+            if drop_torn_last and n == len(lines):
+                break
+            raise UserError(f"{path} is corrupt at line {n} (not a JSON record with 'iter'); delete the run's "
+                            "folder to start again")
+        records.append(record)
+    return records
+
+
 class RunLogger:
     """Appends records to ``<out>/metrics.jsonl`` and mirrors them to wandb.
 
@@ -52,9 +79,8 @@ class RunLogger:
         if resume_iter is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iter"] <= resume_iter]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(self.path, drop_torn_last=True) if r["iter"] <= resume_iter]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self.mode = wandb_mode(mode)
         self.run = None

@@ -34,6 +34,8 @@ from .tracking import RunLogger
 
 EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = frozenset({"version", "iteration", "config", "model", "optimizer", "scaler", "sampler", "rates",
+                             "controller", "controller_name", "history", "meta", "acc", "ema", "ema_steps", "rng"})
 
 
 class Diverged(Exception):
@@ -128,12 +130,31 @@ def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.Ada
         lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename, a new link) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside ``path``, then rename: a reader never sees half a file."""
+    """torch.save to a temp file beside ``path``, flushed to disk, then renamed: a reader (or a resume after a
+    crash or power loss) sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -149,6 +170,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+        fsync_dir(dst.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -214,6 +236,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or start a new run") from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} is not a dynamic-dropout checkpoint (version {CHECKPOINT_VERSION})")
+    missing = sorted(CHECKPOINT_KEYS - ckpt.keys())
+    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["meta"], dict):
+        raise UserError(f"checkpoint {path} is damaged or foreign (missing: {', '.join(missing) or 'a valid config'}); "
+                        "delete it or start a new run")
     return ckpt
 
 
@@ -527,7 +553,20 @@ class Trainer:
             self.checkpoints.wait()
         return path
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+    def load_state_dict(self, ckpt: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Continue from ``ckpt`` (written by :meth:`state_dict`). Raises ``UserError`` naming ``source`` if it
+        does not fit this trainer (another model, optimizer or controller, missing or malformed entries)."""
+        try:
+            self._load_state_dict(ckpt)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            detail = str(e).splitlines()[0][:200] if str(e) else ""
+            raise UserError(f"{source} does not fit this run ({type(e).__name__}: {detail}); it was written by "
+                            "other settings or another version of this code: start a new run") from None
+        self._repair_best()
+
+    def _load_state_dict(self, ckpt: dict[str, Any]) -> None:
         if ckpt["controller_name"] != self.controller.name:
             raise UserError(f"the checkpoint was trained with controller {ckpt['controller_name']!r}, "
                             f"not {self.controller.name!r}; pass --controller {ckpt['controller_name']}")
@@ -552,6 +591,21 @@ class Trainer:
         random.setstate((rng["python_version"], tuple(rng["python"]), None))
         np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"], 0, 0.0))
         self._resumed = True
+
+    def _repair_best(self) -> None:
+        """Finish a best checkpoint that a crash cut off: ``last`` is written before ``best`` is linked to it,
+        so a kill between the two leaves a ``last`` that is the best without ``best`` pointing at it."""
+        out = Path(self.cfg.out)
+        last, best = out / "ckpt_last.pt", out / "ckpt_best.pt"
+        if not (self.cfg.checkpoint and last.is_file() and self.history.best_val_iter == self.iteration):
+            return
+        if best.is_file():
+            try:
+                if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["iteration"] == self.iteration:
+                    return
+            except Exception:  # a torn or foreign best file: replace it
+                pass
+        link_or_copy(last, best)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,12 +21,11 @@ import torch
 
 from bench.speed import BenchSettings, format_table, run_benchmark
 from dyndrop import UserError, json_safe
-from runs.cli import add_config_args, config_from_args, run_cli
+from runs.cli import Parser, add_config_args, add_threads_arg, config_from_args, run_cli, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runs.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m runs.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--iters", type=int, default=None,
                    help="timed training iterations of ours; default 300 (CPU) or 500 (CUDA)")
@@ -45,8 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling measurement (KV cache vs none)")
     p.add_argument("--eval-merge-sweep", default="", metavar="K,K,...",
                    help="also time evaluation passes at each of these batches-per-pass values")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); default torch's own choice")
+    add_threads_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result here")
     add_config_args(p, skip=("preset", "out", "checkpoint", "progress", "wandb", "wandb_project", "wandb_group"))
     return p.parse_args(argv)
@@ -73,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         gen_tokens=cfg.gen_tokens or 256, gen_repeats=args.gen_repeats, sampling=not args.no_sampling,
         profile_iters=args.profile_iters,
         eval_merge_sweep=parse_ints(args.eval_merge_sweep, "--eval-merge-sweep"))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.json:  # fail on an unwritable path now, not after minutes of measuring
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -4,23 +4,73 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
 from dyndrop import UserError
 from gpt.config import TrainConfig, make_config
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with the project's error style: a bad or unknown option is one line naming it and pointing
+    at ``--help``, exit status 2 (argparse's own prints the whole usage first)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so a run stops cleanly as on Ctrl-C (exit status 143)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def interrupt_status(e: KeyboardInterrupt) -> int:
+    """The exit status of a stop: 143 for SIGTERM, 130 for Ctrl-C (128 + the signal's number)."""
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; a ``UserError`` becomes one line on stderr (``error: ...``) and exit status 2.
 
-    Any other exception is a bug and keeps its traceback.
+    SIGTERM is turned into :class:`Terminated` (a ``KeyboardInterrupt``) for the command's life, so every
+    command stops on it as on Ctrl-C. Any other exception is a bug and keeps its traceback.
     """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a command that did not handle it itself
+        print("\ninterrupted", file=sys.stderr)
+        return interrupt_status(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` (None = torch's choice). Raises ``UserError`` below 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads {threads} is invalid: it must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    parser.add_argument("--threads", type=int, default=default,
+                        help="torch CPU threads; on a shared 2-core machine use 1 per process"
+                             + ("" if default else " (default: torch's choice)"))
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
@@ -46,10 +96,17 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("p
     add_dataclass_args(parser, TrainConfig, skip, default_none=True)
 
 
-def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
-    """The ``preset``'s config (``auto`` resolved) with every option given on the command line."""
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` settings given on the command line (options added by :func:`add_config_args`
+    default to None, meaning: not given)."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "preset"]
-    return make_config(preset, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def config_from_args(args: argparse.Namespace, preset: str | None) -> TrainConfig:
+    """The ``preset``'s config (None or ``auto``: see ``gpt.config.resolve_preset``) with every option given on
+    the command line. Every setting is checked here, before anything is written."""
+    return make_config(preset or "auto", **given_settings(args))
 
 
 def add_policy_arg(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
     python -m runs.compare --preset cpu --controllers constant@0,0.1,0.2,linear,exponential,val_loss,pid --seeds 3
     python -m runs.compare --preset paper --controllers constant@0,0.1,0.2,0.3,pid --seeds 3 --jobs 2
-    python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo_tiny/policy.zip
+    python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo_tiny/policy.safetensors
 
 Writes ``--out``/trials/<controller>-s<seed>/ (one training run each) and ``results.{md,csv,json}``;
 rerunning the same command skips finished trials, so an interrupted comparison resumes. Then
@@ -16,16 +16,16 @@ import sys
 from pathlib import Path
 
 from controllers import parse_controllers, spec_name, with_policy
-from controllers.specs import check_specs
 from dyndrop import UserError
+from dyndrop.folders import FolderLock
 from experiments.comparison import Comparison
 from experiments.tables import aggregate, log_table_to_wandb, markdown_table, write_tables
-from runs.cli import add_config_args, add_policy_arg, config_from_args, run_cli
+from experiments.trials import check_inputs
+from runs.cli import Parser, add_config_args, add_policy_arg, config_from_args, interrupt_status, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runs.compare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m runs.compare", description=__doc__.split("\n")[0])
     p.add_argument("--controllers", nargs="+", required=True,
                    help="comma-separated controller specs; NAME@V1,V2 sweeps the first parameter "
                         "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...)")
@@ -67,25 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is None:
         args.checkpoint = False  # trials restart from scratch when interrupted; checkpoints only cost time
     cfg = config_from_args(args, args.preset)
-    preset = cfg.preset
     specs = parse_controllers(args.controllers)
     if args.policy is not None and not any(spec_name(s) == "ppo" for s in specs):
         raise UserError("--policy is only used with the ppo controller, which is not in --controllers")
     specs = [with_policy(s, args.policy) for s in specs]
-    check_specs(specs)
+    check_inputs(cfg, specs)  # every controller and the data, before any folder is written
     comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
-                            out=Path(args.out or f"results/{preset}"), name=args.name,
+                            out=Path(args.out or f"results/{cfg.preset}"), name=args.name,
                             jobs=args.jobs, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
+    with FolderLock(comparison.out, "comparison"):
+        return run_comparison(comparison, cfg.progress)
+
+
+def run_comparison(comparison: Comparison, progress: bool) -> int:
+    """Run the pending trials with a progress bar, then write and print the table."""
     pending = comparison.pending()
     total = len(comparison.trials)
-    print(f"{comparison.name}: {len(specs)} controllers × {len(comparison.seeds)} seeds = {total} trials, "
-          f"{total - len(pending)} already finished; preset {preset}, {cfg.max_iters} iterations, "
-          f"{comparison.jobs} at a time, out {comparison.out}, wandb group {comparison.group}")
+    print(f"{comparison.name}: {len(comparison.specs)} controllers × {len(comparison.seeds)} seeds = {total} trials, "
+          f"{total - len(pending)} already finished; preset {comparison.cfg.preset}, {comparison.cfg.max_iters} "
+          f"iterations, {comparison.jobs} at a time, out {comparison.out}, wandb group {comparison.group}")
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=total - len(pending), desc="trials", unit="trial", dynamic_ncols=True,
-               disable=not cfg.progress)
+               disable=not progress)
 
     def on_done(trial, summary):
         best = summary.get("best_val_loss")
@@ -94,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         comparison.run(on_done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         print("\ninterrupted; rerun the same command to continue (finished trials are kept)", file=sys.stderr)
-        return 130
+        return interrupt_status(e)
     bar.close()
     table = aggregate(comparison)
     paths = write_tables(table, comparison.out)

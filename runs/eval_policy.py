@@ -17,29 +17,35 @@ import time
 from pathlib import Path
 
 from controllers import make_controller, spec_name, spec_policy, with_policy
-from controllers.ppo import read_metadata
+from controllers.policy_file import read_metadata
 from dyndrop import UserError, write_json
 from experiments.stats import CONFIDENCE, TEST, mean_ci, paired_test
-from runs.cli import add_policy_arg, run_cli
+from gpt.config import MAX_SEED
+from runs.cli import Parser, add_policy_arg, add_threads_arg, run_cli, set_threads
 
 BASELINES = ("constant:rate=0.0", "constant:rate=0.1", "constant:rate=0.2", "linear", "exponential", "val_loss")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runs.eval_policy", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m runs.eval_policy", description=__doc__.split("\n")[0])
     p.add_argument("--controller", default="ppo", help="the ppo controller's spec, e.g. ppo:policy=PATH")
     add_policy_arg(p)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="controller specs to compare with")
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="training seeds; default: the env's held-out seeds")
     p.add_argument("--max-iters", type=int, default=None, help="run length; default: the policy's episode length")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared CPUs)")
+    add_threads_arg(p, default=1)
     p.add_argument("--out", default=None, help="also write the per-run results to this JSON file")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
+    if args.max_iters is not None and args.max_iters < 1:
+        raise UserError(f"--max-iters {args.max_iters} is invalid: it must be at least 1")
+    bad_seeds = [s for s in args.seeds or [] if not 0 <= s <= MAX_SEED]
+    if bad_seeds:
+        raise UserError(f"--seeds {bad_seeds[0]} is invalid: seeds must be in [0, {MAX_SEED}]")
     if spec_name(args.controller) != "ppo":
         raise UserError(f"--controller must be a ppo spec, not {args.controller!r}")
     spec = with_policy(args.controller, args.policy)
@@ -49,13 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = read_metadata(policy)
     for s in [spec, *args.baselines]:
         make_controller(s)  # a typo fails before any training
-    import torch
 
     from envs import episode_config
     from gpt import Diverged, Trainer, shared_data
     from gpt.trainer import resolve_device
 
-    torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds else list(meta["eval_seeds"])
     overlap = set(seeds) & set(meta["train_seeds"])
     if overlap:

@@ -6,15 +6,14 @@ Works on a partly finished comparison too: the table counts the trials finished 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from experiments.report import write_report
-from runs.cli import run_cli
+from runs.cli import Parser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runs.report", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m runs.report", description=__doc__.split("\n")[0])
     p.add_argument("dir", help="a comparison folder written by python -m runs.compare")
     args = p.parse_args(argv)
     page = write_report(args.dir)

@@ -2,76 +2,127 @@
 
     python -m runs.train --controller pid                  # cpu preset on CPU, paper preset on a GPU
     python -m runs.train --controller constant:rate=0.2 --preset paper
-    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.zip
+    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.safetensors
     python -m runs.train --resume --out out/cpu-pid-s1337  # continue an interrupted run
 
 Settings: ``--help`` lists every one (each overrides the preset). Writes ``metrics.jsonl``,
-``summary.json``, ``ckpt_last.pt``/``ckpt_best.pt`` and ``sample.txt`` into ``--out``.
+``summary.json``, ``ckpt_last.pt``/``ckpt_best.pt`` and ``sample.txt`` into ``--out``, which one run holds
+at a time (a lock).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from controllers import spec_name, with_policy
 from dyndrop import UserError
-from experiments.trials import make_trainer, run_name, train_and_save
+from dyndrop.folders import FolderLock, clear_run_folder, holds_run
+from experiments.trials import check_inputs, make_trainer, run_name, train_and_save
 from gpt import Diverged, load_checkpoint
 from gpt.config import TrainConfig
-from runs.cli import add_config_args, add_policy_arg, config_from_args, run_cli
+from runs.cli import (Parser, add_config_args, add_policy_arg, add_threads_arg, config_from_args, given_settings,
+                      interrupt_status, run_cli, set_threads)
+
+DEFAULT_CONTROLLER = "pid"
+CHANGEABLE_ON_RESUME = ("out", "progress", "wandb", "wandb_project", "wandb_group", "checkpoint", "max_iters")
+"""Settings ``--resume`` may change; ``max_iters`` moves the end of the run (see docs/training.md)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runs.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--controller", default="pid",
-                   help="controller name, optionally with parameters: name:key=value,key=value "
-                        "(constant, linear, exponential, val_loss, early, late, curriculum, pid, ppo)")
+    p = Parser(prog="python -m runs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--controller", default=None,
+                   help=f"controller name, optionally with parameters: name:key=value,key=value "
+                        f"(constant, linear, exponential, val_loss, early, late, curriculum, pid, ppo); "
+                        f"default {DEFAULT_CONTROLLER}")
     add_policy_arg(p)
-    p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--preset", default=None,
+                   help="paper, cpu, cpu-overfit, tiny, or auto (paper on CUDA, else cpu); default auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (from the start if it has none yet)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_threads_arg(p)
     add_config_args(p)
     return p.parse_args(argv)
 
 
+def resumed_settings(ckpt: dict[str, Any], path: Path, args: argparse.Namespace, spec: str | None) -> tuple[TrainConfig, str]:
+    """The checkpoint's config and controller, with the settings that may change on resume applied.
+
+    :raises UserError: a given setting that differs from the checkpoint's and may not change, or a
+        checkpoint written by code with other settings.
+    """
+    saved = dict(ckpt["config"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(saved.keys() - fields)
+    if unknown:
+        raise UserError(f"checkpoint {path} has settings this code does not know ({', '.join(unknown)}); it was "
+                        "written by another version of dynamic-dropout: start a new run")
+    saved_spec = with_policy(ckpt["meta"].get("controller", ""), ckpt["meta"].get("policy"))  # older: policy apart
+    given = given_settings(args)
+    if args.preset is not None:
+        given["preset"] = args.preset
+    differ = [f"--{k.replace('_', '-')} {v} (the checkpoint has {saved.get(k)})" for k, v in given.items()
+              if k not in CHANGEABLE_ON_RESUME and v != saved.get(k)]
+    if spec is not None and spec != saved_spec:
+        differ.append(f"--controller {spec} (the checkpoint has {saved_spec})")
+    if differ:
+        raise UserError(f"--resume continues the checkpoint's run, but these settings differ from it: "
+                        f"{'; '.join(differ)}; drop them, or start a new run in another --out")
+    if given.get("max_iters", saved["max_iters"]) < ckpt["iteration"]:
+        raise UserError(f"--max-iters {given['max_iters']} is below the checkpoint's iteration {ckpt['iteration']}")
+    saved.update({k: given[k] for k in CHANGEABLE_ON_RESUME if k in given})
+    try:
+        return TrainConfig(**saved), saved_spec
+    except TypeError as e:
+        raise UserError(f"checkpoint {path} has a malformed config ({e}); start a new run") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config_from_args(args, args.preset)
-    ckpt = None
-    if args.resume:
-        out = Path(cfg.out or f"out/{run_name(cfg, args.controller)}")
-        ckpt = load_checkpoint(out / "ckpt_last.pt")
-        saved = ckpt["config"]
-        saved.update(out=str(out), progress=cfg.progress, wandb=cfg.wandb)
-        cfg = TrainConfig(**saved)
-        # checkpoints of older code kept the policy beside the spec
-        spec = with_policy(ckpt["meta"]["controller"], ckpt["meta"].get("policy"))
-        print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
-    else:
-        if args.policy is not None and spec_name(args.controller) != "ppo":
-            raise UserError("--policy is only used with --controller ppo")
-        spec = with_policy(args.controller, args.policy)
-        cfg.out = cfg.out or f"out/{run_name(cfg, spec)}"
-        if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()) and not args.overwrite:
-            raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to "
-                            "replace it, or --out to choose another folder")
-    trainer = make_trainer(cfg, spec, ckpt=ckpt)  # loads data: may raise
-    print(f"{cfg.preset} preset, {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.device}, "
-          f"compile={trainer.use_compile}, controller {trainer.controller!r}, out {cfg.out}, wandb {trainer.logger.mode}")
-    try:
-        summary = train_and_save(trainer)
-    except Diverged as e:
-        last = Path(cfg.out) / "ckpt_last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
-        print(f"stopped: {e}; {kept}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at iteration {trainer.iteration}; continue with: "
-              f"python -m runs.train --resume --out {cfg.out}", file=sys.stderr)
-        return 130
+    set_threads(args.threads)
+    if args.policy is not None and spec_name(args.controller or "ppo") != "ppo":
+        raise UserError("--policy is only used with --controller ppo")
+    given_spec = with_policy(args.controller or "ppo", args.policy) if (args.controller or args.policy) else None
+    spec = given_spec or DEFAULT_CONTROLLER
+    cfg = config_from_args(args, args.preset)  # every setting checked: nothing is written before this
+    out = Path(cfg.out or f"out/{run_name(cfg, spec)}")
+    cfg = dataclasses.replace(cfg, out=str(out))
+    data = check_inputs(cfg, [spec])
+    last = out / "ckpt_last.pt"
+    with FolderLock(out, "run"):  # before reading a checkpoint another process may be writing
+        ckpt = None
+        if args.resume and last.is_file():
+            ckpt = load_checkpoint(last)
+            cfg, spec = resumed_settings(ckpt, last, args, given_spec)
+            print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
+        elif args.resume:
+            print(f"{out} has no checkpoint yet: starting the run from the beginning", file=sys.stderr)
+        if ckpt is None:
+            if holds_run(out) and not (args.overwrite or args.resume):
+                raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                                "replace it, or --out to choose another folder")
+            clear_run_folder(out)  # refuses a folder holding anything but a run of ours
+        trainer = make_trainer(cfg, spec, data=data, ckpt=ckpt)
+        print(f"{cfg.preset} preset, {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.device}, "
+              f"compile={trainer.use_compile}, controller {trainer.controller!r}, out {out}, "
+              f"wandb {trainer.logger.mode}")
+        try:
+            summary = train_and_save(trainer)
+        except Diverged as e:
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+            print(f"stopped: {e}; {kept}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            print(f"\ninterrupted at iteration {trainer.iteration}; continue with: "
+                  f"python -m runs.train --resume --out {out}", file=sys.stderr)
+            return interrupt_status(e)
+        except OSError as e:  # a full disk, a folder made read-only under the run
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+            raise UserError(f"cannot write {e.filename or out}: {e.strerror or e}; {kept}") from None
     keys = ("best_val_loss", "best_val_iter", "final_train_loss", "final_val_loss", "total_train_time_s",
             "train_tokens_per_s", "inference_tokens_per_s", "recompiles")
     print(json.dumps({k: summary[k] for k in keys}, indent=None))

@@ -2,16 +2,16 @@
 
     python -m runs.train_policy                                   # demo budget: 2048 env steps, ~10 min on 2 cores
     python -m runs.train_policy --total-timesteps 20000 --n-envs 8 --vec subproc   # with spare cores
-    python -m runs.eval_policy --policy policies/ppo_tiny/policy.zip           # held-out comparison
-    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.zip --preset cpu
+    python -m runs.eval_policy --policy policies/ppo_tiny/policy.safetensors           # held-out comparison
+    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.safetensors --preset cpu
 
-Writes into ``--out``: ``policy.zip`` + ``policy.json`` (final policy and its metadata),
-``checkpoints/policy_<steps>.zip`` (+ .json), ``progress.csv`` (sb3's log) and the wandb run.
+Writes into ``--out``: ``policy.safetensors`` + ``policy.json`` (final policy and its metadata),
+``checkpoints/policy_<steps>.safetensors`` (+ .json), ``progress.csv`` (sb3's log) and the wandb run.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from typing import Any
 
 from dyndrop import UserError
 from gpt.config import option
-from runs.cli import add_dataclass_args, run_cli
+from runs.cli import Parser, add_dataclass_args, run_cli
 
 
 @dataclass
@@ -57,17 +57,39 @@ class Args:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    p = argparse.ArgumentParser(prog="python -m runs.train_policy", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m runs.train_policy", description=__doc__.split("\n")[0])
     add_dataclass_args(p, Args)
     args = Args(**vars(p.parse_args(argv)))
-    if args.vec not in ("dummy", "subproc"):
-        raise UserError(f"--vec must be dummy or subproc, not {args.vec!r}")
-    if args.wandb not in ("online", "offline", "disabled"):
-        raise UserError(f"--wandb must be online, offline or disabled, not {args.wandb!r}")
-    if min(args.total_timesteps, args.n_envs, args.n_steps, args.batch_size, args.n_epochs) < 1:
-        raise UserError("--total-timesteps, --n-envs, --n-steps, --batch-size and --n-epochs must be positive")
+    check_args(args)
     return args
+
+
+def check_args(args: Args) -> None:
+    """Every PPO setting in its range (the env checks its own: preset, episode, bounds, reward)."""
+    def bad(name: str, must: str) -> UserError:
+        return UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be {must}")
+
+    if args.vec not in ("dummy", "subproc"):
+        raise bad("vec", "dummy or subproc")
+    if args.wandb not in ("online", "offline", "disabled"):
+        raise bad("wandb", "online, offline or disabled")
+    for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
+        if getattr(args, name) < 1:
+            raise bad(name, "at least 1")
+    for name in ("checkpoint_every", "eval_iters", "seed"):
+        if getattr(args, name) < 0:
+            raise bad(name, "at least 0")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise bad("learning_rate", "a finite number > 0")
+    for name in ("gamma", "gae_lambda"):
+        if not (0.0 <= getattr(args, name) <= 1.0):
+            raise bad(name, "in [0, 1]")
+    if not (math.isfinite(args.ent_coef) and args.ent_coef >= 0):
+        raise bad("ent_coef", "a finite number >= 0")
+    if not (math.isfinite(args.log_std_init) and abs(args.log_std_init) <= 10):
+        raise bad("log_std_init", "a finite number in [-10, 10]")
+    if not (math.isfinite(args.reward_scale) and args.reward_scale > 0):
+        raise bad("reward_scale", "a finite number > 0")
 
 
 def main(argv: list[str] | None = None) -> int:

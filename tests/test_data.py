@@ -347,7 +347,7 @@ def test_train_chars_limits_training_and_keeps_the_standard_validation(shakespea
     assert torch.equal(trainer.eval_batches["val"].x, full.eval_batches["val"].x)
 
 
-@pytest.mark.parametrize("n, words", [(-1, ">= 0"), (32, "too small"), (10**7, "larger than the training split")])
+@pytest.mark.parametrize("n, words", [(-1, "at least 0"), (32, "more than --block-size"), (10**7, "larger than the training split")])
 def test_bad_train_chars_is_a_user_error(shakespeare, n, words):
     from gpt import Trainer, make_config
 

@@ -137,3 +137,33 @@ def test_featurizer_values_and_state_roundtrip():
     # non-finite input (a diverged run) still gives a valid observation
     bad = f.observe(_stats(50, math.nan, math.inf, 2.5, 20))
     assert np.isfinite(bad).all() and (bad >= Featurizer.low).all() and (bad <= Featurizer.high).all()
+
+
+def test_a_finished_episode_steps_again_only_after_reset(env_cls):
+    """gymnasium's rule: once terminated, step() raises until reset() (it used to pay the terminal reward again)."""
+    env = env_cls(**SHORT)
+    run_episode(env, [0.0] * 4, options={"instance": 9000})
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(1, np.float32))
+    env.reset(options={"instance": 9000})
+    env.step(np.zeros(1, np.float32))  # fine again
+
+
+def test_actions_of_the_wrong_shape_are_refused(env_cls):
+    env = env_cls(**SHORT)  # one action for all layers; the tiny model has 2 layers
+    env.reset(options={"instance": 9000})
+    for bad in (np.zeros(2, np.float32), np.zeros((1, 1), np.float32), np.float32(0.0)):
+        with pytest.raises(ValueError, match="shape"):
+            env.step(bad)
+    per_layer = env_cls(per_layer=True, **SHORT)
+    per_layer.reset(options={"instance": 9000})
+    with pytest.raises(ValueError, match="shape"):
+        per_layer.step(np.zeros(1, np.float32))
+    per_layer.step(np.zeros(2, np.float32))
+
+
+@pytest.mark.parametrize("options", [{"instanse": 3}, {"split": "test"}, {"instance": -1}, {"instance": 1.5},
+                                     {"instance": True}, {"instance": 3, "split": "eval"}])
+def test_reset_refuses_unknown_options(env_cls, options):
+    with pytest.raises(ValueError):
+        env_cls(**SHORT).reset(options=options)

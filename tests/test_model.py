@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from dyndrop import UserError
 from gpt import GPT, GPTConfig
 from gpt.model import dropout_cpu, fused_attention_with_dropout, sample_token
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def policy(chardata, tmp_path_factory):
                               "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled", "--no-progress",
                               *ENV_ARGS])
     assert code == 0
-    return out / "policy.zip"
+    return out / "policy.safetensors"
 
 
 def test_saves_policy_metadata_and_checkpoints(policy):
@@ -32,16 +33,33 @@ def test_saves_policy_metadata_and_checkpoints(policy):
     assert meta["feature_version"] == FEATURE_VERSION
     assert (meta["p_min"], meta["p_max"], meta["per_layer"], meta["preset"]) == (0.0, 0.5, False, "tiny")
     assert meta["reward"] == "best_val" and meta["sb3_version"] and meta["num_timesteps"] == 16
-    assert (policy.parent / "checkpoints" / "policy_8.zip").is_file()
+    assert (policy.parent / "checkpoints" / "policy_8.safetensors").is_file()
     assert (policy.parent / "checkpoints" / "policy_8.json").is_file()
     assert (policy.parent / "progress.csv").is_file()
 
 
-def test_controller_acts_like_the_sb3_model(policy):
+@pytest.fixture(scope="module")
+def sb3_model(chardata):
+    """A PPO model in memory, trained for 16 env steps on 4-decision episodes."""
     from stable_baselines3 import PPO
 
-    model = PPO.load(str(policy), device="cpu")
-    controller = make_controller("ppo", policy=str(policy))
+    from envs.policy_training import make_vec_env
+
+    venv = make_vec_env(2, dict(max_iters=40, interval=10, config={"eval_iters": 2}), seed=0)
+    model = PPO("MlpPolicy", venv, n_steps=8, batch_size=8, n_epochs=1, seed=0, device="cpu",
+                policy_kwargs=dict(log_std_init=-0.5, net_arch=[64, 64]))
+    return model.learn(16)
+
+
+def test_controller_acts_like_the_sb3_model(sb3_model, tmp_path):
+    """Saved to the policy format and loaded back, the network acts exactly as the model that was trained."""
+    from envs import DropoutEnv
+    from envs.policy_training import save_policy
+
+    path = save_policy(sb3_model, tmp_path / "p", DropoutEnv(max_iters=40, interval=10).metadata_dict())
+    assert path.suffix == ".safetensors"
+    model = sb3_model
+    controller = make_controller("ppo", policy=str(path))
     rng = np.random.default_rng(0)
     for _ in range(20):
         obs = rng.uniform(Featurizer.low, Featurizer.high).astype(np.float32)
@@ -52,12 +70,11 @@ def test_controller_acts_like_the_sb3_model(policy):
 
 def test_env_and_controller_see_the_same_features(policy, chardata):
     """An env episode driven by the model and a Trainer run under ``ppo`` give identical obs and rates."""
-    from stable_baselines3 import PPO
-
+    from controllers.policy_file import load_policy
     from envs import DropoutEnv, episode_config
     from gpt import Trainer
 
-    model = PPO.load(str(policy), device="cpu")
+    model, _ = load_policy(policy)
     env = DropoutEnv(max_iters=40, interval=10, config={"eval_iters": 2})
     obs, _ = env.reset(options={"instance": 9001})
     env_obs, env_rates, done = [], [], False
@@ -95,33 +112,48 @@ def test_state_dict_roundtrip(policy):
     assert a.update(stats[2]) == b.update(stats[2])
 
 
+def copy_policy(policy: Path, to: Path, **meta_changes) -> Path:
+    """A copy of the policy (weights and metadata) at ``to``, its metadata changed by ``meta_changes``."""
+    shutil.copy(policy, to)
+    meta = json.loads(policy.with_suffix(".json").read_text())
+    to.with_suffix(".json").write_text(json.dumps({**meta, **meta_changes}))
+    return to
+
+
 def test_mismatched_or_missing_metadata_is_refused(policy, tmp_path):
-    bad = tmp_path / "policy.zip"
+    bad = tmp_path / "policy.safetensors"
     shutil.copy(policy, bad)
     with pytest.raises(UserError, match="no metadata"):
         make_controller("ppo", policy=str(bad))
     meta = json.loads(policy.with_suffix(".json").read_text())
+    network = meta["network"]
     for change, match in ((dict(feature_version="dyndrop-features-v0"), "features"),
-                          (dict(p_max=1.5), "bounds"), (dict(per_layer=True), "actions")):
-        bad.with_suffix(".json").write_text(json.dumps({**meta, **change}))
+                          (dict(p_max=1.5), "bounds"), (dict(per_layer=True, n_layer=None), "n_layer"),
+                          (dict(per_layer=True, n_layer=2), "actions"), (dict(format="sb3"), "format"),
+                          (dict(network={**network, "net_arch": [32, 32]}), "does not hold the network"),
+                          (dict(network={**network, "activation": "gelu"}), "activation"),
+                          (dict(weights_sha256="0" * 64), "does not match its metadata")):
+        copy_policy(policy, bad, **change)
         with pytest.raises(UserError, match=match):
             make_controller("ppo", policy=str(bad))
-    bad.with_suffix(".json").write_text(json.dumps(meta))
+    bad.with_suffix(".json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        make_controller("ppo", policy=str(bad))
+    copy_policy(policy, bad)
     with pytest.raises(UserError, match="p_max=0.5, not 0.3"):
         make_controller("ppo:p_max=0.3", policy=str(bad))
     with pytest.raises(UserError, match="needs a policy"):
         make_controller("ppo")
     with pytest.raises(UserError, match="does not exist"):
-        make_controller("ppo", policy=str(tmp_path / "nope.zip"))
+        make_controller("ppo", policy=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(UserError, match="convert_policy"):
+        make_controller("ppo", policy=str(tmp_path / "old.zip"))
 
 
 def test_cli_refuses_a_mismatch_in_one_line(policy, tmp_path, capsys):
     from runs import train
 
-    bad = tmp_path / "p.zip"
-    shutil.copy(policy, bad)
-    meta = json.loads(policy.with_suffix(".json").read_text())
-    bad.with_suffix(".json").write_text(json.dumps({**meta, "feature_version": "old"}))
+    bad = copy_policy(policy, tmp_path / "p.safetensors", feature_version="old")
     code = train.cli(["--controller", "ppo", "--policy", str(bad), "--preset", "tiny", "--max-iters", "0",
                       "--out", str(tmp_path / "run"), "--wandb", "disabled"])
     err = capsys.readouterr().err.strip()

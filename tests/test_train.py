@@ -214,8 +214,7 @@ def run_cli(*args, cwd):
     (["--controller", "pid:kp=abc"], "not a valid"),
     (["--controller", "constant:rate=1.5"], "[0, 1)"),
     (["--data", "/nonexistent/input.txt"], "dataset not found"),
-    (["--resume"], "does not exist"),
-    (["--eval-merge", "0"], "eval_merge"),
+    (["--eval-merge", "0"], "--eval-merge"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, args, words):
     out = tmp_path / "run"
