@@ -6,7 +6,8 @@
   over seeds (whole run, and a zoom on the second half where controllers differ);
 - ``dropout_rate.png``: the dropout rate each controller chose (mean over seeds and layers, band = range);
 - ``gap.png``: the generalization gap, val loss − train loss on the fixed evaluation batches;
-- ``best_val.png``: best validation loss per controller, mean with its 95 % t-interval, one dot per seed;
+- ``best_val.png``: the headline, the best weights' loss on the whole validation split, per controller:
+  mean with its 95 % t-interval, one dot per seed;
 
 and writes ``report.html`` with the figures embedded (base64), so the one file can be mailed or opened
 anywhere. Uses matplotlib's Agg backend: no display needed.
@@ -22,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from .comparison import Comparison
-from .tables import Table, aggregate, header, row_cells, write_tables
+from .tables import HEADLINE, Table, aggregate, header, row_cells, write_tables
 from .trials import TrialResult
 
 FIGURES = {
     "val_loss": "Validation loss (mean over seeds; band = range over seeds)",
     "dropout_rate": "Dropout rate chosen by each controller (mean over seeds and layers)",
     "gap": "Generalization gap: val loss − train loss on the fixed evaluation batches",
-    "best_val": "Best validation loss per controller: mean and 95 % t-interval over seeds; dots = seeds",
+    "best_val": "Best weights' validation loss on the full split, per controller: mean and 95 % t-interval over "
+                "seeds; dots = seeds",
 }
 
 
@@ -111,21 +113,21 @@ def _best_val_figure(table: Table):
     colors = _colors(len(rows))
     for i, (row, color) in enumerate(zip(rows, colors)):
         y = len(rows) - 1 - i
-        seeds = [t["best_val_loss"] for t in table.trials
-                 if t["controller"] == row["controller"] and t.get("best_val_loss") is not None]
+        seeds = [t[HEADLINE] for t in table.trials
+                 if t["controller"] == row["controller"] and t.get(HEADLINE) is not None]
         ax.scatter(seeds, [y] * len(seeds), color=color, s=14, alpha=0.6, zorder=3)
-        if row["best_val_loss"] is None:
+        if row[HEADLINE] is None:
             continue
-        low, high = row["best_val_loss_low"], row["best_val_loss_high"]
-        xerr = None if low is None else [[row["best_val_loss"] - low], [high - row["best_val_loss"]]]
-        ax.errorbar(row["best_val_loss"], y, xerr=xerr, fmt="D" if row["baseline"] else "o", color=color,
+        low, high = row[f"{HEADLINE}_low"], row[f"{HEADLINE}_high"]
+        xerr = None if low is None else [[row[HEADLINE] - low], [high - row[HEADLINE]]]
+        ax.errorbar(row[HEADLINE], y, xerr=xerr, fmt="D" if row["baseline"] else "o", color=color,
                     capsize=4, ms=7, zorder=4)
-    if any(r["baseline"] and r["best_val_loss"] is not None for r in rows):
+    if any(r["baseline"] and r[HEADLINE] is not None for r in rows):
         base = next(r for r in rows if r["baseline"])
-        ax.axvline(base["best_val_loss"], color="grey", ls=":", lw=1)
+        ax.axvline(base[HEADLINE], color="grey", ls=":", lw=1)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{r['controller']} (baseline)" if r["baseline"] else r["controller"] for r in reversed(rows)])
-    ax.set_xlabel("best validation loss (nats/char; lower is better)")
+    ax.set_xlabel("best weights' validation loss on the full split (nats/char; lower is better)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

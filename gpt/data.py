@@ -2,8 +2,9 @@
 
 Three parts, read top to bottom:
 
-- :func:`resolve_dataset` finds ``input.txt`` (explicit path, ``$DYNDROP_DATA_DIR``, the user cache, or
-  a download into that cache) and checks its sha256, whatever the source.
+- :func:`resolve_dataset` finds the text: a file given with ``--data`` is taken as it is (any UTF-8 text);
+  otherwise tinyshakespeare's ``input.txt`` (a folder given with ``--data``, ``$DYNDROP_DATA_DIR``, the user
+  cache, or a download into that cache), whose sha256 is checked.
 - :class:`CharData` turns the text into a vocabulary and two token tensors, split 90/10 like nanoGPT's
   ``data/shakespeare_char/prepare.py``.
 - :class:`BatchSampler` draws random training windows, and :func:`fixed_eval_batches` draws one fixed set
@@ -22,7 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -59,14 +60,15 @@ def resolve_dataset(
     sha256: str = DATA_SHA256,
     timeout_s: float = 30.0,
 ) -> Path:
-    """Find the dataset file, downloading it into the cache if nowhere else has it; checks its sha256.
+    """Find the dataset file, downloading it into the cache if nowhere else has it.
 
     Looks, in order, at: ``path``; the folder named by ``$DYNDROP_DATA_DIR``; the cache
     (``cache_dir / shakespeare_char/input.txt``); and finally downloads ``url`` into the cache.
     A ``path`` or ``$DYNDROP_DATA_DIR`` that names no file is an error rather than a reason to download,
-    so a typo never silently costs a download.
+    so a typo never silently costs a download. ``path`` naming a file is the user's own text and is returned
+    as it is; every other source is tinyshakespeare, and its sha256 is checked.
 
-    :param path: the text file itself, or a folder holding ``shakespeare_char/input.txt`` or ``input.txt``.
+    :param path: a text file of your own, or a folder holding ``shakespeare_char/input.txt`` or ``input.txt``.
     :param url: where to download from when no copy is found.
     :param cache_dir: the cache folder; defaults to :func:`default_cache_dir`.
     :param download: if False, a missing cache copy is an error instead of a download.
@@ -75,7 +77,10 @@ def resolve_dataset(
     :raises UserError: the file is missing, fails its checksum, or cannot be downloaded.
     """
     if path is not None and str(path) != "":
-        return _verified(_find_in(Path(path), source="the data path"), sha256, _fix_local_copy(url))
+        path = Path(path).expanduser()
+        if path.is_file():
+            return path  # the user's own text (load checks that it is text)
+        return _verified(_find_in(path, source="the data path"), sha256, _fix_local_copy(url))
     env_dir = os.environ.get(DATA_ENV_VAR)
     if env_dir:
         return _verified(_find_in(Path(env_dir), source=f"${DATA_ENV_VAR}"), sha256, _fix_local_copy(url))
@@ -102,7 +107,7 @@ def _find_in(path: Path, *, source: str) -> Path:
     looked = " or ".join(str(c) for c in candidates)
     raise UserError(
         f"dataset not found: {source} points at {path}, but there is no file {looked}; "
-        f"point it at tinyshakespeare's input.txt or a folder holding {DATASET_SUBPATH.as_posix()}"
+        f"point it at a text file or a folder holding {DATASET_SUBPATH.as_posix()}"
     )
 
 
@@ -206,18 +211,37 @@ def _download_failed(url: str, target: Path, error: BaseException) -> UserError:
 # Encoding
 
 
+def read_text_file(path: Path) -> tuple[str, bytes]:
+    """The text of ``path`` and its bytes. Raises ``UserError`` for an empty, binary or non-UTF-8 file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the dataset {path}: {e.strerror or e}") from None
+    if not raw.strip():
+        raise UserError(f"dataset {path} is empty; give a text file with at least a few thousand characters")
+    if b"\0" in raw:
+        raise UserError(f"dataset {path} is a binary file (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError as e:
+        raise UserError(f"dataset {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
 class CharData:
     """A character-level corpus: its vocabulary, and its tokens split into train (first 90 %) and val.
 
     :param text: the whole corpus.
     :param device: where ``train`` and ``val`` live.
     :param source: the file the text came from, if any (for run records).
+    :param sha256: the file's sha256 (of its bytes), if any; ``DATA_SHA256`` means tinyshakespeare.
     """
 
-    def __init__(self, text: str, device: str | torch.device = "cpu", source: Path | None = None):
+    def __init__(self, text: str, device: str | torch.device = "cpu", source: Path | None = None,
+                 sha256: str | None = None):
         if len(text) < 2:
             raise UserError(f"dataset {source or '(text)'} has {len(text)} characters; it needs at least 2")
-        self.source = source
+        self.source, self.sha256 = source, sha256
+        self.n_chars = len(text)
         self.chars: list[str] = sorted(set(text))
         self.stoi: dict[str, int] = {ch: i for i, ch in enumerate(self.chars)}
         self.itos: dict[int, str] = dict(enumerate(self.chars))
@@ -234,7 +258,15 @@ class CharData:
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> CharData:
         """Read the dataset found by :func:`resolve_dataset` (downloading it if need be)."""
         file = resolve_dataset(path)
-        return cls(file.read_text(encoding="utf-8"), device, source=file)
+        text, raw = read_text_file(file)
+        return cls(text, device, source=file, sha256=hashlib.sha256(raw).hexdigest())
+
+    def record(self) -> dict[str, Any]:
+        """What a run records about its data (summary.json, checkpoints): where it came from, its sha256,
+        size and vocabulary, and whether it is tinyshakespeare."""
+        return {"source": str(self.source) if self.source else None, "sha256": self.sha256,
+                "chars": self.n_chars, "vocab_size": self.vocab_size,
+                "dataset": "tinyshakespeare" if self.sha256 == DATA_SHA256 else "own text"}
 
     def train_split(self, n_chars: int = 0) -> torch.Tensor:
         """The first ``n_chars`` tokens of the training split (all of it for 0). Raises ``UserError`` if
@@ -267,10 +299,13 @@ _SHARED: dict[tuple[str, str], CharData] = {}
 
 
 def shared_data(path: str | Path | None = None, device: str | torch.device = "cpu") -> CharData:
-    """The dataset on ``device``, read once per process: every trainer, env and trial in it shares it."""
-    key = (str(path or ""), str(torch.device(device)))
+    """The dataset on ``device``, read once per process: every trainer, env and trial in it shares it (read
+    again if the file has changed since)."""
+    file = resolve_dataset(path)
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, str(torch.device(device)))
     if key not in _SHARED:
-        _SHARED[key] = CharData.load(path, device=device)
+        _SHARED[key] = CharData.load(file, device=device)
     return _SHARED[key]
 
 

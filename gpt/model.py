@@ -52,7 +52,7 @@ class RateDropout(nn.Module):
         return x * keep / (1.0 - p).to(x.dtype)
 
 
-def dropout_cpu(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def dropout_cpu(x: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Eager CPU dropout from 15-bit random integers, two per 32-bit draw of the CPU generator.
 
     Random numbers are most of dropout's cost on a CPU; this draws half as many 32-bit numbers as
@@ -62,12 +62,33 @@ def dropout_cpu(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     2**-15 (error below 1.6e-5) and kept values are scaled by the rounded keep probability, so the
     expectation stays exact.
     """
-    n = x.numel()
-    draws = torch.empty(n // 2 + 1, dtype=torch.int32).random_()  # uniform on [0, 2**31)
-    bits = draws.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # each half: uniform on [0, 2**15)
+    return x * cpu_dropout_mask(x.shape, p, x.dtype, generator)  # one scaled mask: one multiply back
+
+
+def cpu_dropout_mask(shape: torch.Size | tuple[int, ...], p: torch.Tensor, dtype: torch.dtype,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The scaled keep mask of :func:`dropout_cpu`: 0 where dropped, 1 / (1 - p) (rounded p) where kept.
+
+    :param generator: where the random numbers come from; None = the global CPU generator.
+    """
+    n = math.prod(shape)
+    draws = torch.empty(n // 2 + 1, dtype=torch.int32).random_(generator=generator)  # uniform on [0, 2**31)
+    return scaled_keep_mask(random_bits(draws, n).view(shape), p, dtype)
+
+
+def random_bits(draws: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` 15-bit random integers per row of ``draws`` (int32, uniform on [0, 2**31), ``n // 2 + 1`` per
+    row): each 32-bit draw gives two halves, each uniform on [0, 2**15)."""
+    return draws.view(torch.int16)[..., :n] & 0x7FFF
+
+
+def scaled_keep_mask(bits: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keep where ``bits >= round(p * 2**15)``, scaled by the kept share: a unit survives with probability
+    1 - p (p rounded to a multiple of 2**-15) and the expectation is exact. ``p`` broadcasts against ``bits``
+    (one rate per member, say); a rate of 0 keeps everything at scale 1."""
     threshold = (p * 32768).round().clamp(max=32767)
     keep = bits >= threshold.to(torch.int16)
-    return x * (keep * (32768 / (32768 - threshold)).to(x.dtype))  # one scaled mask: one multiply back
+    return keep * (32768 / (32768 - threshold)).to(dtype)
 
 
 class CausalSelfAttention(nn.Module):

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from controllers import Controller, Rate, TrainingStats, check_rate
 from dyndrop import UserError
 
 from .config import TrainConfig
-from .data import BatchSampler, CharData, fixed_eval_batches
+from .data import BatchSampler, CharData, EvalBatches, fixed_eval_batches
 from .model import GPT, GPTConfig
 from .tracking import RunLogger
 
@@ -59,6 +59,10 @@ class TrainingHistory:
     :param eval_time_s: time spent in evaluations.
     :param wall_time_s: wall-clock time of the run so far (``train`` only; resumes add up).
     :param tokens: training tokens consumed.
+    :param best_val_loss_full: loss of the weights that had ``best_val_loss`` on the *whole* validation split
+        (:meth:`Trainer.full_val_loss`), measured once at the end of :meth:`Trainer.train`; nan before.
+    :param full_val_tokens: validation tokens that figure is the mean over.
+    :param full_val_time_s: time that measurement took.
     """
 
     best_val_loss: float = math.inf
@@ -74,12 +78,15 @@ class TrainingHistory:
     eval_time_s: float = 0.0
     wall_time_s: float = 0.0
     tokens: int = 0
+    best_val_loss_full: float = math.nan
+    full_val_tokens: int = 0
+    full_val_time_s: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingHistory:
         """From a checkpoint's record; raises ``KeyError``/``TypeError`` if it is not one."""
         known = {f.name for f in fields(cls)}
-        missing = known - d.keys() - {"wall_time_s"}
+        missing = known - d.keys() - {"wall_time_s", "best_val_loss_full", "full_val_tokens", "full_val_time_s"}
         if missing:
             raise KeyError(f"history lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -243,6 +250,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def initial_model(cfg: TrainConfig, vocab_size: int, seed: int, device: torch.device) -> GPT:
+    """The model a run with ``seed`` starts from: every RNG seeded, then nanoGPT's initialisation (on the CPU,
+    then moved). Afterwards the global generators continue from there: a run's dropout masks."""
+    seed_everything(seed)
+    return GPT(model_config(cfg, vocab_size)).to(device)
+
+
+def data_streams(cfg: TrainConfig, data: CharData, seed: int) -> tuple[BatchSampler, dict[str, EvalBatches]]:
+    """A run's training batches (from the first ``train_chars`` characters of the training split) and its fixed
+    evaluation batches, both determined by ``seed``."""
+    train = data.train_split(cfg.train_chars)
+    sampler = BatchSampler(train, cfg.block_size, cfg.batch_size, seed=seed)
+    # Evaluation batches come from their own seed stream, so they never depend on training.
+    eval_batches = {split: fixed_eval_batches(train if split == "train" else data.val, cfg.block_size,
+                                              cfg.batch_size, cfg.eval_iters, seed=seed + 10_000 + i)
+                    for i, split in enumerate(("train", "val"))}
+    return sampler, eval_batches
+
+
 class Trainer:
     """Trains one GPT under one controller.
 
@@ -266,8 +302,7 @@ class Trainer:
                          if self.dtype != torch.float32 else nullcontext())
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
 
-        seed_everything(cfg.seed)
-        self.model = GPT(model_config(cfg, self.data.vocab_size)).to(self.device)
+        self.model = initial_model(cfg, self.data.vocab_size, cfg.seed, self.device)
         # fused AdamW: one kernel per step on CUDA, and measured -3 % per step on CPU
         self.optimizer = make_optimizer(self.model, cfg, fused=self.device.type in ("cuda", "cpu"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -276,17 +311,12 @@ class Trainer:
         self.fwd = (torch.compile(self.model, mode=cfg.compile_mode, dynamic=False) if self.use_compile
                     else self.model)
 
-        train = self.data.train_split(cfg.train_chars)
-        self.sampler = BatchSampler(train, cfg.block_size, cfg.batch_size, seed=cfg.seed)
-        # Evaluation batches come from their own seed stream, so they never depend on training.
-        self.eval_batches = {
-            split: fixed_eval_batches(train if split == "train" else self.data.val, cfg.block_size, cfg.batch_size,
-                                      cfg.eval_iters, seed=cfg.seed + 10_000 + i)
-            for i, split in enumerate(("train", "val"))}
+        self.sampler, self.eval_batches = data_streams(cfg, self.data, cfg.seed)
 
         self.iteration = 0
         self.history = TrainingHistory()
         self.inference: InferenceSample | None = None  # set by measure_inference (at the end of train)
+        self.best_weights: dict[str, torch.Tensor] | None = None  # a device copy of the parameters at best val
         self._acc = torch.zeros(3, device=self.device)  # sum of loss, sum of grad norm, steps since last log
         self._ema = torch.zeros((), device=self.device)  # debiased on read
         self._ema_steps = 0
@@ -300,14 +330,8 @@ class Trainer:
 
     # -- the pieces ---------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
-        """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT)."""
-        c = self.cfg
-        if it < c.warmup_iters:
-            return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-        if it > c.lr_decay_iters:
-            return c.min_lr
-        ratio = (it - c.warmup_iters) / max(c.lr_decay_iters - c.warmup_iters, 1)
-        return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+        """The learning rate of iteration ``it`` (:func:`lr_at`)."""
+        return lr_at(self.cfg, it)
 
     def set_dropout(self, rate: Rate) -> tuple[float, ...]:
         """Set the rate for the next steps: one float in [0, 1) or one per layer (checked here, the model's
@@ -347,7 +371,13 @@ class Trainer:
         improved = val_loss < h.best_val_loss
         if improved:
             h.best_val_loss, h.best_val_iter = val_loss, self.iteration
+            # a device-side copy (no host sync): the weights best_val_loss_full scores at the end
+            self.best_weights = {k: p.detach().clone() for k, p in self.model.named_parameters()}
         return {"train_loss": train_loss, "val_loss": val_loss, "improved": improved}
+
+    def full_val_loss(self, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+        """:func:`full_val_loss` of the model (``weights``: parameters to score instead, e.g. ``best_weights``)."""
+        return full_val_loss(self.model, self.cfg, self.data, self.autocast, weights)
 
     def stats(self) -> TrainingStats:
         """The controller's view of the run right now."""
@@ -423,11 +453,7 @@ class Trainer:
             raise RuntimeError("this Trainer has no controller; set the rate with set_dropout()")
         rates = self.model.set_dropout(self.controller.update(self.stats()))  # update() checked them
         if self.logger:
-            record: dict[str, Any] = {"iter": self.iteration, "dropout/rate": sum(rates) / len(rates)}
-            if len(set(rates)) > 1:
-                record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
-            record.update({f"controller/{k}": v for k, v in self.controller.internals().items()})
-            self.logger.log(record)
+            self.logger.log(control_record(self.iteration, rates, self.controller))
         return rates
 
     def _note_warmup(self, kind: str) -> None:
@@ -485,46 +511,30 @@ class Trainer:
                 bar.close()
             self.checkpoints.wait()
         self.history.wall_time_s = time.perf_counter() - t_start
+        self.score_best_on_full_val()
         if cfg.gen_tokens:
             self.inference = self.measure_inference()
         return self.summary()
 
+    def score_best_on_full_val(self) -> None:
+        """Set ``history.best_val_loss_full``: the best weights (those of ``best_val_iter``) scored on the whole
+        validation split. It stays nan if those weights are not at hand."""
+        h = self.history
+        weights = self.best_weights
+        if weights is None and h.best_val_iter != self.iteration:
+            return
+        t0 = time.perf_counter()
+        h.best_val_loss_full, h.full_val_tokens = self.full_val_loss(weights)
+        h.full_val_time_s = time.perf_counter() - t0
+
     def summary(self) -> dict[str, Any]:
         """The run's figures (what ``summary.json`` holds)."""
-        h, cfg = self.history, self.cfg
-        return {
-            "best_val_loss": h.best_val_loss, "best_val_iter": h.best_val_iter,
-            "final_train_loss": h.eval_train_loss, "final_val_loss": h.eval_val_loss,
-            "final_train_loss_smoothed": h.train_loss_smoothed,
-            "total_train_time_s": h.wall_time_s, "train_loop_time_s": h.train_time_s,
-            "eval_time_s": h.eval_time_s,
-            "train_tokens_per_s": h.tokens / h.train_time_s if h.train_time_s else math.nan,
-            "inference_tokens_per_s": self.inference.tokens_per_s if self.inference else math.nan,
-            "recompiles": self.recompiles, "iterations": self.iteration,
-            "controller": self.controller.name if self.controller else None,
-            "controller_params": self.controller.params() if self.controller else {},
-            "preset": cfg.preset, "seed": cfg.seed, "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "compile": self.use_compile, "torch": torch.__version__, "final_rates": list(self.model.rates),
-        }
+        return run_summary(self.cfg, self.history, self.iteration, self.controller, self.inference, self.device,
+                           self.data, list(self.model.rates), compile=self.use_compile, recompiles=self.recompiles)
 
     def measure_inference(self) -> InferenceSample:
-        """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up, and
-        the text sampled.
-
-        The decode step runs eagerly: compiling it (``generate(compile=True)``, measured by the benchmark)
-        would add a compile at the end of every run."""
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        # Warm-up over the same length: the first call at each new shape pays one-off costs
-        # (kernel selection, allocator growth) that are not the model's speed.
-        self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-        self.sync()
-        t0 = time.perf_counter()
-        out = self.model.generate(idx, self.cfg.gen_tokens, generator=gen)
-        self.sync()
-        dt = time.perf_counter() - t0
-        return InferenceSample(self.cfg.gen_tokens / dt, self.data.decode(out[0].tolist()))
+        """:func:`measure_inference` of the model as it is."""
+        return measure_inference(self.model, self.cfg, self.data)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -535,7 +545,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "rates": list(self.model.rates), "controller": self.controller.state_dict(),
-            "controller_name": self.controller.name if self.controller else None,
+            "controller_name": self.controller.name if self.controller else None, "data": self.data.record(),
             "history": asdict(self.history), "meta": self.meta,
             "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
@@ -567,6 +577,11 @@ class Trainer:
         self._repair_best()
 
     def _load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        saved_data, data = ckpt.get("data") or {}, self.data.record()
+        if saved_data.get("sha256") not in (None, data["sha256"]):
+            raise UserError(f"the checkpoint was trained on {saved_data.get('source')} (sha256 "
+                            f"{saved_data['sha256'][:12]}...), but {data['source']} is different now (sha256 "
+                            f"{str(data['sha256'])[:12]}...); resume with the same text")
         if ckpt["controller_name"] != self.controller.name:
             raise UserError(f"the checkpoint was trained with controller {ckpt['controller_name']!r}, "
                             f"not {self.controller.name!r}; pass --controller {ckpt['controller_name']}")
@@ -597,15 +612,100 @@ class Trainer:
         so a kill between the two leaves a ``last`` that is the best without ``best`` pointing at it."""
         out = Path(self.cfg.out)
         last, best = out / "ckpt_last.pt", out / "ckpt_best.pt"
-        if not (self.cfg.checkpoint and last.is_file() and self.history.best_val_iter == self.iteration):
-            return
-        if best.is_file():
+        if self.cfg.checkpoint and last.is_file() and self.history.best_val_iter == self.iteration:
             try:
-                if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["iteration"] == self.iteration:
-                    return
-            except Exception:  # a torn or foreign best file: replace it
-                pass
-        link_or_copy(last, best)
+                done = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["iteration"] == self.iteration
+            except Exception:  # missing, torn or foreign: replace it
+                done = False
+            if not done:
+                link_or_copy(last, best)
+        self.best_weights = None
+        if best.is_file():  # the weights best_val_loss_full will score
+            saved = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+            if saved.get("iteration") == self.history.best_val_iter:
+                names = dict(self.model.named_parameters())
+                self.best_weights = {k: v.to(self.device) for k, v in saved["model"].items() if k in names}
+
+
+def control_record(iteration: int, rates: Sequence[float], controller: Controller) -> dict[str, Any]:
+    """The metrics record of a control step: the rate (mean over layers, and each layer's when they differ)
+    and the controller's internals."""
+    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
+    if len(set(rates)) > 1:
+        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
+    record.update({f"controller/{k}": v for k, v in controller.internals().items()})
+    return record
+
+
+@torch.no_grad()
+def full_val_loss(model: GPT, cfg: TrainConfig, data: CharData, autocast: Any,
+                  weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+    """Mean loss over the whole validation split: every non-overlapping window of ``block_size`` tokens (the
+    last ``(len(val) - 1) % block_size`` tokens, fewer than one window, are left out), dropout off, in passes
+    of ``batch_size * eval_merge`` windows.
+
+    :param weights: parameters to score instead of the model's own (through ``torch.func.functional_call``).
+    :returns: the loss (nats per token) and the number of tokens it averages.
+    """
+    val, T = data.val, cfg.block_size
+    n = (len(val) - 1) // T
+    x, y = val[:n * T].view(n, T), val[1:n * T + 1].view(n, T)
+    chunk = cfg.batch_size * cfg.eval_merge
+    total = torch.zeros((), device=val.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, n, chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            with autocast:
+                loss = (torch.func.functional_call(model, weights, (xb, yb)) if weights is not None
+                        else model(xb, yb))[1]
+            total += loss.float() * xb.size(0)
+    finally:
+        model.train(was_training)
+    return (total / n).item(), n * T
+
+
+def measure_inference(model: GPT, cfg: TrainConfig, data: CharData) -> InferenceSample:
+    """Characters per second sampling ``gen_tokens`` with the KV cache (batch 1), after a warm-up, and the text
+    sampled (from a generator seeded with ``cfg.seed``).
+
+    The decode step runs eagerly: compiling it (``generate(compile=True)``, measured by the benchmark) would
+    add a compile at the end of every run."""
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+    # Warm-up over the same length: the first call at each new shape pays one-off costs
+    # (kernel selection, allocator growth) that are not the model's speed.
+    model.generate(idx, cfg.gen_tokens, generator=gen)
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(idx, cfg.gen_tokens, generator=gen)
+    sync(device)
+    dt = time.perf_counter() - t0
+    return InferenceSample(cfg.gen_tokens / dt, data.decode(out[0].tolist()))
+
+
+def run_summary(cfg: TrainConfig, h: TrainingHistory, iterations: int, controller: Controller | None,
+                inference: InferenceSample | None, device: torch.device, data: CharData, final_rates: list[float],
+                compile: bool, recompiles: int) -> dict[str, Any]:
+    """A run's figures, as ``summary.json`` holds them."""
+    return {
+        "best_val_loss": h.best_val_loss, "best_val_iter": h.best_val_iter,
+        "best_val_loss_full": h.best_val_loss_full, "full_val_tokens": h.full_val_tokens,
+        "full_val_time_s": h.full_val_time_s,
+        "final_train_loss": h.eval_train_loss, "final_val_loss": h.eval_val_loss,
+        "final_train_loss_smoothed": h.train_loss_smoothed,
+        "total_train_time_s": h.wall_time_s, "train_loop_time_s": h.train_time_s, "eval_time_s": h.eval_time_s,
+        "train_tokens_per_s": h.tokens / h.train_time_s if h.train_time_s else math.nan,
+        "inference_tokens_per_s": inference.tokens_per_s if inference else math.nan,
+        "recompiles": recompiles, "iterations": iterations,
+        "controller": controller.name if controller else None,
+        "controller_params": controller.params() if controller else {},
+        "preset": cfg.preset, "seed": cfg.seed, "device": str(device), "data": data.record(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compile": compile, "torch": torch.__version__, "final_rates": final_rates,
+    }
 
 
 def seed_everything(seed: int) -> None:

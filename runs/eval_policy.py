@@ -1,7 +1,7 @@
 """Compare a PPO policy with fixed schedules on the env's held-out seeds: the comparison's statistics.
 
-    python -m runs.eval_policy --policy policies/ppo_tiny/policy.safetensors
-    python -m runs.eval_policy --controller ppo:policy=policies/ppo_tiny/policy.safetensors --max-iters 480
+    python -m runs.eval_policy --policy policies/ppo/policy.safetensors
+    python -m runs.eval_policy --controller ppo:policy=policies/ppo/policy.safetensors --max-iters 480
 
 Every controller trains the same config (the policy's preset, episode length, interval and overrides,
 from its metadata) on the same seeds, so the only difference is the dropout rate it sets. The table

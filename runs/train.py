@@ -2,7 +2,7 @@
 
     python -m runs.train --controller pid                  # cpu preset on CPU, paper preset on a GPU
     python -m runs.train --controller constant:rate=0.2 --preset paper
-    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.safetensors
+    python -m runs.train --controller ppo --policy policies/ppo/policy.safetensors
     python -m runs.train --resume --out out/cpu-pid-s1337  # continue an interrupted run
 
 Settings: ``--help`` lists every one (each overrides the preset). Writes ``metrics.jsonl``,

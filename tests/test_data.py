@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import socket
 import threading
@@ -353,3 +354,52 @@ def test_bad_train_chars_is_a_user_error(shakespeare, n, words):
 
     with pytest.raises(UserError, match=words):
         Trainer(make_config("tiny", train_chars=n, wandb="disabled"), data=shakespeare)
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own text
+
+
+def own_text(path: Path, n: int = 6000) -> Path:
+    path.write_text("".join("the quick brown fox jumps over the lazy dog. "[(i * 7) % 45] for i in range(n)))
+    return path
+
+
+def test_any_utf8_text_file_trains_and_is_recorded(tmp_path):
+    from runs.train import cli
+
+    text = own_text(tmp_path / "mine.txt")
+    out = tmp_path / "run"
+    assert cli(["--data", str(text), "--preset", "tiny", "--max-iters", "4", "--eval-interval", "2", "--eval-iters",
+                "1", "--gen-tokens", "4", "--no-progress", "--wandb", "disabled", "--out", str(out)]) == 0
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert data["dataset"] == "own text" and data["chars"] == 6000 and data["vocab_size"] == len(set(text.read_text()))
+    assert data["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["data"] == data
+
+
+@pytest.mark.parametrize("content, words", [(b"", "empty"), (b"  \n", "empty"), (b"abc\0def" * 500, "binary"),
+                                            (b"\xff\xfe\x00a" * 10, "binary"), (b"caf\xe9 " * 1000, "UTF-8"),
+                                            (b"just a few words here", "validation text")])
+def test_bad_text_files_are_one_line(tmp_path, capsys, content, words):
+    from runs.train import cli
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    out = tmp_path / "run"
+    assert cli(["--data", str(bad), "--preset", "tiny", "--no-progress", "--wandb", "disabled", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+    assert not out.exists()
+
+
+def test_resume_refuses_a_changed_text(tmp_path, capsys):
+    from runs.train import cli
+
+    text = own_text(tmp_path / "mine.txt")
+    args = ["--data", str(text), "--preset", "tiny", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
+            "--gen-tokens", "0", "--no-progress", "--wandb", "disabled", "--out", str(tmp_path / "run")]
+    assert cli(args) == 0
+    own_text(text, n=6001)
+    assert cli([*args, "--resume", "--max-iters", "6"]) == 2
+    assert "different now" in capsys.readouterr().err
