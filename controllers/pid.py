@@ -8,7 +8,7 @@ import numpy as np
 
 from .base import Controller, Rate, TrainingStats, register, require_rate_range
 
-SIGNALS = ("gap", "val_slope")
+SIGNALS = ("gap", "rel_gap", "above_best", "val_slope")
 
 
 @register
@@ -107,6 +107,10 @@ class PIDController(Controller):
     def _measure(self, stats: TrainingStats, t: float) -> float:
         if self.signal == "gap":
             return float(stats.gap)
+        if self.signal == "rel_gap":
+            return float(stats.gap / stats.eval_val_loss)
+        if self.signal == "above_best":
+            return float(stats.eval_val_loss - stats.best_val_loss)
         if self.prev_val is None or self.prev_t is None or t <= self.prev_t:
             return 0.0
         return (float(stats.eval_val_loss) - self.prev_val) / (t - self.prev_t)

@@ -56,7 +56,7 @@ def _build_network(network: dict[str, Any]) -> Any:
     obs_space = gym.spaces.Box(Featurizer.low, Featurizer.high, dtype=np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (network["n_actions"],), dtype=np.float32)
     activation = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[network["activation"]]
-    return ActorCriticPolicy(obs_space, action_space, lambda _: 0.0, net_arch=list(network["net_arch"]),
+    return ActorCriticPolicy(obs_space, action_space, lambda _: 0.0, net_arch=network["net_arch"],
                              activation_fn=activation, log_std_init=network["log_std_init"])
 
 
@@ -65,12 +65,14 @@ def network_description(policy: Any) -> dict[str, Any]:
     import torch
 
     activation = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}.get(policy.activation_fn)
-    if activation is None or not isinstance(policy.net_arch, list):
-        raise UserError(f"this policy's network ({policy.activation_fn.__name__}, net_arch {policy.net_arch}) "
-                        "cannot be saved in the policy format; use net_arch as a list and tanh or relu")
+    arch = policy.net_arch
+    net_arch = ([int(n) for n in arch] if isinstance(arch, list)
+                else {k: [int(n) for n in arch[k]] for k in ("pi", "vf")} if isinstance(arch, dict) else None)
+    if activation is None or net_arch is None:
+        raise UserError(f"this policy's network ({policy.activation_fn.__name__}, net_arch {arch}) cannot be "
+                        "saved in the policy format; use tanh or relu and a list or a pi/vf dict of widths")
     return {"obs_dim": int(policy.observation_space.shape[0]), "n_actions": int(policy.action_space.shape[0]),
-            "net_arch": [int(n) for n in policy.net_arch], "activation": activation,
-            "log_std_init": float(policy.log_std_init)}
+            "net_arch": net_arch, "activation": activation, "log_std_init": float(policy.log_std_init)}
 
 
 def save_policy(policy: Any, path: str | Path, meta: dict[str, Any]) -> Path:
@@ -133,8 +135,10 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536  # noqa: E731
     _require(net.get("obs_dim") == Featurizer.dim, path, f"obs_dim {net.get('obs_dim')} is not {Featurizer.dim}")
     _require(ints(net.get("n_actions")), path, "n_actions is not a positive integer")
-    _require(isinstance(net.get("net_arch"), list) and len(net["net_arch"]) <= 16
-             and all(ints(n) for n in net["net_arch"]), path, "net_arch is not a list of layer widths")
+    widths = lambda v: isinstance(v, list) and len(v) <= 16 and all(ints(n) for n in v)  # noqa: E731
+    arch = net.get("net_arch")
+    _require(widths(arch) or (isinstance(arch, dict) and set(arch) == {"pi", "vf"} and all(map(widths, arch.values()))),
+             path, "net_arch is not a list of layer widths or a dict of pi and vf widths")
     _require(net.get("activation") in ACTIVATIONS, path, f"activation is not one of {ACTIVATIONS}")
     _require(isinstance(net.get("log_std_init"), (int, float)) and math.isfinite(net["log_std_init"]), path,
              "log_std_init is not a number")

@@ -3,11 +3,11 @@
 """
 import gymnasium as gym
 
-from .dropout_env import EVAL_SEEDS, REWARDS, TRAIN_SEEDS, DropoutEnv, episode_config
+from .dropout_env import DEFAULT_EPISODE, EPISODES, EVAL_SEEDS, REWARDS, TRAIN_SEEDS, DropoutEnv, episode_config
 
 ENV_ID = "DynamicDropout-v0"
 
 if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="envs.dropout_env:DropoutEnv")
 
-__all__ = ["ENV_ID", "EVAL_SEEDS", "REWARDS", "TRAIN_SEEDS", "DropoutEnv", "episode_config"]
+__all__ = ["DEFAULT_EPISODE", "ENV_ID", "EPISODES", "EVAL_SEEDS", "REWARDS", "TRAIN_SEEDS", "DropoutEnv", "episode_config"]

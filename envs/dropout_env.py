@@ -21,6 +21,16 @@ from gpt.config import MAX_SEED, TrainConfig
 from gpt.trainer import resolve_device
 
 REWARDS = ("best_val", "val", "final")
+
+EPISODES: dict[str, dict[str, Any]] = {
+    # Data-limited: the tiny model on the first 3,000 characters overfits within the episode, so how much
+    # dropout, and when, matters (docs/results.md has the measurement that chose it).
+    "overfit": dict(preset="tiny", max_iters=320, interval=32, config={"train_chars": 3000}),
+    # The first default: the whole training split; the tiny model still underfits at the end, rate 0 is best.
+    "tiny": dict(preset="tiny", max_iters=160, interval=16, config={}),
+}
+"""Named episode configurations: the preset, episode length, control interval and setting overrides."""
+DEFAULT_EPISODE = "overfit"
 TRAIN_SEEDS = tuple(range(1000, 1064))  # 64 training instances
 EVAL_SEEDS = tuple(range(9000, 9008))  # 8 held-out instances, never drawn in training
 
@@ -39,7 +49,7 @@ class DropoutEnv(gym.Env):
     """Set the dropout rate of a short GPT training run, one control interval at a time.
 
     **Episode**: a ``preset`` run of ``max_iters`` optimizer steps whose training seed is an instance
-    (below). ``reset`` builds the model and evaluates it; each ``step`` trains ``interval`` steps at the
+    (below), by default the ``overfit`` configuration of :data:`EPISODES`. ``reset`` builds the model and evaluates it; each ``step`` trains ``interval`` steps at the
     chosen rate and evaluates, so an episode has ``ceil(max_iters / interval)`` steps. No checkpoints,
     logging or progress bars inside an episode.
 
@@ -66,9 +76,11 @@ class DropoutEnv(gym.Env):
     ``reset(options={"instance": k})`` runs seed ``k`` directly, ``options={"split": "eval"}`` draws from the
     held-out seeds. The same instance and actions give the same observations and rewards.
 
-    :param preset: the :mod:`gpt.config` preset of the trained model.
-    :param max_iters: optimizer steps per episode.
-    :param interval: optimizer steps per env step (evaluation and control interval).
+    :param episode: a named configuration of :data:`EPISODES` (preset, length, interval, settings); the next
+        four arguments override its parts.
+    :param preset: the :mod:`gpt.config` preset of the trained model; None = the episode's.
+    :param max_iters: optimizer steps per episode; None = the episode's.
+    :param interval: optimizer steps per env step (evaluation and control interval); None = the episode's.
     :param p_min: rate for action -1, in [0, 1).
     :param p_max: rate for action +1, in [p_min, 1).
     :param per_layer: one action (rate) per transformer layer instead of one for all.
@@ -82,17 +94,24 @@ class DropoutEnv(gym.Env):
     :param torch_threads: ``torch.set_num_threads`` for this process; 1 because on a shared 2-core machine
         more threads oversubscribe (measured 550 ms/step with 2 threads vs 10 ms with 1); None = leave it.
     :param data: the dataset path (default: ``$DYNDROP_DATA_DIR``/the cache), read once per process.
-    :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``).
+    :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``), over the episode's.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, preset: str = "tiny", max_iters: int = 160, interval: int = 16, p_min: float = 0.0,
+    def __init__(self, episode: str = DEFAULT_EPISODE, preset: str | None = None, max_iters: int | None = None,
+                 interval: int | None = None, p_min: float = 0.0,
                  p_max: float = 0.5, per_layer: bool = False, reward: str = "best_val", reward_scale: float = 10.0,
                  terminal_weight: float = 1.0, divergence_penalty: float = 1.0, split: str = "train",
                  train_seeds: tuple[int, ...] = TRAIN_SEEDS, eval_seeds: tuple[int, ...] = EVAL_SEEDS,
                  torch_threads: int | None = 1, data: str | None = None,
                  config: dict[str, Any] | None = None) -> None:
+        if episode not in EPISODES:
+            raise UserError(f"unknown episode {episode!r}; choose one of: {', '.join(EPISODES)}")
+        named = EPISODES[episode]
+        preset = preset if preset is not None else named["preset"]
+        max_iters = max_iters if max_iters is not None else named["max_iters"]
+        interval = interval if interval is not None else named["interval"]
         try:
             check_bounds(p_min, p_max)
         except ValueError as e:
@@ -109,15 +128,15 @@ class DropoutEnv(gym.Env):
             raise UserError(f"need 1 <= interval <= max_iters, got interval={interval}, max_iters={max_iters}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.preset, self.max_iters, self.interval = preset, max_iters, interval
+        self.episode, self.preset, self.max_iters, self.interval = episode, preset, max_iters, interval
         self.p_min, self.p_max, self.per_layer = p_min, p_max, per_layer
         self.reward_kind, self.reward_scale = reward, reward_scale
         self.terminal_weight, self.divergence_penalty = terminal_weight, divergence_penalty
         self.split, self.train_seeds, self.eval_seeds = split, tuple(train_seeds), tuple(eval_seeds)
-        self.config_overrides = dict(config or {})
+        self.config_overrides = {**named["config"], **(config or {})}
         self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
         self.data = shared_data(data, str(resolve_device(self.base_config.device)))
-        self.featurizer = Featurizer()
+        self.score = EpisodeScore(reward, reward_scale, terminal_weight, divergence_penalty)
         n_actions = self.base_config.n_layer if per_layer else 1
         self.action_space = gym.spaces.Box(-1.0, 1.0, (n_actions,), dtype=np.float32)
         self.observation_space = gym.spaces.Box(Featurizer.low, Featurizer.high, dtype=np.float32)
@@ -127,7 +146,8 @@ class DropoutEnv(gym.Env):
     def metadata_dict(self) -> dict[str, Any]:
         """What a saved policy must record to be deployed with the same features and action mapping."""
         return {"feature_version": FEATURE_VERSION, "p_min": self.p_min, "p_max": self.p_max,
-                "per_layer": self.per_layer, "n_layer": self.base_config.n_layer, "preset": self.preset,
+                "per_layer": self.per_layer, "n_layer": self.base_config.n_layer, "episode": self.episode,
+                "preset": self.preset,
                 "max_iters": self.max_iters, "interval": self.interval, "reward": self.reward_kind,
                 "reward_scale": self.reward_scale, "terminal_weight": self.terminal_weight,
                 "config": self.config_overrides, "train_seeds": list(self.train_seeds),
@@ -136,31 +156,13 @@ class DropoutEnv(gym.Env):
     # -- gymnasium API --------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = sorted(set(options) - {"instance", "split"})
-        if unknown or len(options) > 1:
-            raise ValueError(f"reset options take one of 'instance' (a seed) or 'split' ('train' or 'eval'), "
-                             f"got {sorted(options)}")
-        if "instance" in options:
-            k = options["instance"]
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SEED:
-                raise ValueError(f"options['instance'] must be a seed, an integer in [0, {MAX_SEED}], not {k!r}")
-            self.instance = int(k)
-        else:
-            split = options.get("split", self.split)
-            if split not in ("train", "eval"):
-                raise ValueError(f"options['split'] must be 'train' or 'eval', not {split!r}")
-            seeds = self.eval_seeds if split == "eval" else self.train_seeds
-            self.instance = int(seeds[int(self.np_random.integers(len(seeds)))])
+        self.instance = draw_instance(self.np_random, options, self.split, self.train_seeds, self.eval_seeds)
         cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
                              **self.config_overrides)
         self.trainer = Trainer(cfg, data=self.data)  # no controller: the env sets the rate itself
         self.trainer.evaluate()
-        self.featurizer.reset()
-        h = self.trainer.history
-        self.best0 = self.prev_best = h.best_val_loss
-        self.prev_val = h.eval_val_loss
-        return self.featurizer.observe(self.trainer.stats()), self._info()
+        stats = self.trainer.stats()
+        return self.score.start(stats), self._info(stats)
 
     def step(self, action):
         if self.trainer is None:
@@ -175,27 +177,83 @@ class DropoutEnv(gym.Env):
             trainer.evaluate()
         except Diverged:
             stats = trainer.stats()
-            obs = self.featurizer.observe(stats)
             self.trainer = None  # the run is over; a step now needs a reset
-            return obs, -self.divergence_penalty * self.reward_scale, True, False, {**self._info(stats), "diverged": True}
+            obs, reward = self.score.diverged(stats)
+            return obs, reward, True, False, {**self._info(stats), "diverged": True}
         stats = trainer.stats()
         done = trainer.iteration >= self.max_iters
+        obs, reward = self.score.step(stats, done)
+        if done:
+            self.trainer = None  # gymnasium's rule: a finished episode steps again only after reset()
+        return obs, reward, done, False, {**self._info(stats), "rates": rates}
+
+    def _info(self, stats: TrainingStats) -> dict[str, Any]:
+        return episode_info(self.instance, stats)
+
+
+def episode_info(instance: int, stats: TrainingStats) -> dict[str, Any]:
+    """The info dict of an env step: the instance, where its run is, and its losses and rate."""
+    return {"instance": instance, "iteration": stats.iteration, "val_loss": stats.eval_val_loss,
+            "best_val_loss": stats.best_val_loss, "rate": stats.rate}
+
+
+def draw_instance(np_random: np.random.Generator, options: dict[str, Any] | None, split: str,
+                  train_seeds: tuple[int, ...], eval_seeds: tuple[int, ...]) -> int:
+    """The training seed of a new episode: ``options["instance"]``, or a draw from ``options["split"]``'s
+    seeds (default ``split``). Raises ``ValueError`` for unknown options or values (gymnasium's way)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"instance", "split"})
+    if unknown or len(options) > 1:
+        raise ValueError(f"reset options take one of 'instance' (a seed) or 'split' ('train' or 'eval'), "
+                         f"got {sorted(options)}")
+    if "instance" in options:
+        k = options["instance"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SEED:
+            raise ValueError(f"options['instance'] must be a seed, an integer in [0, {MAX_SEED}], not {k!r}")
+        return int(k)
+    split = options.get("split", split)
+    if split not in ("train", "eval"):
+        raise ValueError(f"options['split'] must be 'train' or 'eval', not {split!r}")
+    seeds = eval_seeds if split == "eval" else train_seeds
+    return int(seeds[int(np_random.integers(len(seeds)))])
+
+
+class EpisodeScore:
+    """The observation and reward of each step of one episode (see :class:`DropoutEnv`), from the run's
+    ``TrainingStats``: the featurizer's state and the losses the rewards compare against.
+
+    :param reward: one of :data:`REWARDS`.
+    :param reward_scale: multiplies every reward.
+    :param terminal_weight: weight of the ``best_val`` terminal term.
+    :param divergence_penalty: reward (negated, before scaling) when training diverges.
+    """
+
+    def __init__(self, reward: str, reward_scale: float, terminal_weight: float, divergence_penalty: float) -> None:
+        self.kind, self.scale = reward, reward_scale
+        self.terminal_weight, self.divergence_penalty = terminal_weight, divergence_penalty
+        self.featurizer = Featurizer()
+
+    def start(self, stats: TrainingStats) -> np.ndarray:
+        """A new episode whose run has been evaluated once; returns the first observation."""
+        self.featurizer.reset()
+        self.best0 = self.prev_best = stats.best_val_loss
+        self.prev_val = stats.eval_val_loss
+        return self.featurizer.observe(stats)
+
+    def step(self, stats: TrainingStats, done: bool) -> tuple[np.ndarray, float]:
+        """The observation and reward after a step that ended with an evaluation."""
         best, val = stats.best_val_loss, stats.eval_val_loss
-        if self.reward_kind == "best_val":
+        if self.kind == "best_val":
             reward = math.log(self.prev_best / best)
             if done:
                 reward += self.terminal_weight * math.log(self.best0 / best)
-        elif self.reward_kind == "val":
+        elif self.kind == "val":
             reward = math.log(self.prev_val / val)
         else:
             reward = math.log(self.best0 / best) if done else 0.0
         self.prev_best, self.prev_val = best, val
-        info = {**self._info(stats), "rates": rates}
-        if done:
-            self.trainer = None  # gymnasium's rule: a finished episode steps again only after reset()
-        return self.featurizer.observe(stats), float(reward * self.reward_scale), done, False, info
+        return self.featurizer.observe(stats), float(reward * self.scale)
 
-    def _info(self, stats: TrainingStats | None = None) -> dict[str, Any]:
-        stats = stats or self.trainer.stats()
-        return {"instance": self.instance, "iteration": stats.iteration, "val_loss": stats.eval_val_loss,
-                "best_val_loss": stats.best_val_loss, "rate": stats.rate}
+    def diverged(self, stats: TrainingStats) -> tuple[np.ndarray, float]:
+        """The observation and reward of a step whose training diverged (the episode ends)."""
+        return self.featurizer.observe(stats), -self.divergence_penalty * self.scale

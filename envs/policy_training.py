@@ -23,19 +23,30 @@ from controllers import policy_file
 from .dropout_env import DropoutEnv
 
 
-def make_vec_env(n_envs: int, env_kwargs: dict[str, Any], seed: int, subproc: bool = False) -> VecEnv:
-    """``n_envs`` monitored :class:`DropoutEnv`; env ``i`` is seeded ``seed + i``.
+VEC_KINDS = ("population", "dummy", "subproc")
 
-    ``subproc`` runs each env in its own process (each with one torch thread): worth it only with
-    spare cores; on 2 shared cores the envs in one process are as fast (measured in the README).
+
+def make_vec_env(n_envs: int, env_kwargs: dict[str, Any], seed: int, kind: str = "population",
+                 threads: int | None = None) -> VecEnv:
+    """``n_envs`` :class:`DropoutEnv` episodes at a time; env ``i`` is seeded ``seed + i``.
+
+    :param kind: ``population`` — one :class:`~envs.population_env.PopulationVecEnv`, all episodes trained as
+        one batched model; ``dummy`` — SB3's ``DummyVecEnv`` of monitored single envs in this process;
+        ``subproc`` — one process per env (one torch thread each): worth it only with spare cores.
+    :param threads: torch threads for the population (None = torch's choice); single envs use one each.
     """
-    def make() -> gym.Env:
-        return Monitor(DropoutEnv(**env_kwargs))
+    if kind == "population":
+        from .population_env import PopulationVecEnv
 
-    fns: list[Callable[[], gym.Env]] = [make] * n_envs
-    # fork shares the parent's already-read dataset; other platforms re-read it in each worker
-    start = "fork" if sys.platform == "linux" else None
-    venv: VecEnv = SubprocVecEnv(fns, start_method=start) if subproc else DummyVecEnv(fns)
+        venv: VecEnv = PopulationVecEnv(n_envs, env_kwargs, threads=threads)
+    else:
+        def make() -> gym.Env:
+            return Monitor(DropoutEnv(**env_kwargs))
+
+        fns: list[Callable[[], gym.Env]] = [make] * n_envs
+        # fork shares the parent's already-read dataset; other platforms re-read it in each worker
+        start = "fork" if sys.platform == "linux" else None
+        venv = SubprocVecEnv(fns, start_method=start) if kind == "subproc" else DummyVecEnv(fns)
     venv.seed(seed)  # env i's first reset gets seed + i, which fixes its whole sequence of instances
     return venv
 

@@ -19,7 +19,10 @@ from controllers import with_policy
 from dyndrop import UserError, read_json, write_json
 from gpt.config import MAX_SEED, TrainConfig
 
-from .trials import Trial, TrialJob, TrialResult, load_result, run_trial, trial_status
+from .trials import Trial, TrialJob, TrialResult, load_result, run_population, run_trial, trial_status
+
+EXECUTORS = ("local", "population")
+"""How a comparison's trials run (see :class:`Comparison`)."""
 
 
 @dataclass
@@ -33,7 +36,11 @@ class Comparison:
     :param out: the comparison's folder.
     :param name: the comparison's name (default: the folder's name); the wandb group is ``compare-<name>``
         unless ``cfg.wandb_group`` is set.
-    :param jobs: trials run at once, each in its own worker process (1 = in this process).
+    :param executor: how trials run: ``local`` — one after another in this process, or ``jobs`` worker processes
+        at once; ``population`` — ``population`` trials at a time as one batched model
+        (:func:`experiments.trials.run_population`), in this process.
+    :param jobs: with ``local``: trials run at once, each in its own worker process (1 = in this process).
+    :param population: with ``population``: members per population (trials trained together).
     :param threads: torch CPU threads per trial; None = all cores divided by ``jobs``.
     :param target: validation loss for "iterations/seconds to target"; None = the default rule
         (:func:`experiments.stats.default_target`).
@@ -47,7 +54,9 @@ class Comparison:
     seeds: list[int]
     out: Path
     name: str = ""
+    executor: str = "local"
     jobs: int = 1
+    population: int = 8
     threads: int | None = None
     target: float | None = None
     baseline: str | None = None
@@ -56,6 +65,10 @@ class Comparison:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.name = self.name or self.out.resolve().name
+        if self.executor not in EXECUTORS:
+            raise UserError(f"--executor {self.executor} is invalid: it must be one of {', '.join(EXECUTORS)}")
+        if self.population < 1:
+            raise UserError(f"--population {self.population} is invalid: it must be at least 1")
         if self.jobs < 1:
             raise UserError(f"--jobs {self.jobs} is invalid: it must be at least 1")
         if self.threads is not None and self.threads < 1:
@@ -99,7 +112,8 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "comparison.json", {
             "name": self.name, "group": self.group, "preset": self.cfg.preset, "specs": self.specs,
-            "seeds": self.seeds, "jobs": self.jobs, "target": self.target, "baseline": self.baseline,
+            "seeds": self.seeds, "executor": self.executor, "jobs": self.jobs, "population": self.population,
+            "target": self.target, "baseline": self.baseline,
             "config": asdict(self.cfg)})
 
     @classmethod
@@ -116,7 +130,8 @@ class Comparison:
             # comparisons written before the policy travelled inside the spec kept it apart
             specs = [with_policy(s, r.get("policy")) for s in r["specs"]]
             return cls(cfg=cfg, specs=specs, seeds=[int(s) for s in r["seeds"]], out=out, name=r["name"],
-                       jobs=int(r.get("jobs", 1)), target=r.get("target"), baseline=r.get("baseline"))
+                       executor=r.get("executor", "local"), jobs=int(r.get("jobs", 1)),
+                       population=int(r.get("population", 8)), target=r.get("target"), baseline=r.get("baseline"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"comparison record {path} is corrupt ({type(e).__name__}: {e}); "
                             "rerun python -m runs.compare with the same settings to rewrite it") from None
@@ -133,19 +148,30 @@ class Comparison:
     def job(self, trial: Trial, progress: bool) -> TrialJob:
         cfg = dataclasses.replace(self.trial_config(trial), progress=progress)
         threads = self.threads
-        if threads is None and self.jobs > 1:  # workers on one CPU must not each take every core
+        if threads is None and self.jobs > 1 and self.executor == "local":  # workers must not each take every core
             threads = max(1, (os.cpu_count() or 1) // self.jobs)
         return TrialJob(cfg=cfg, spec=trial.spec, name=trial.run_name, group=self.group, comparison=self.name,
-                        concurrent=self.jobs, threads=threads, wandb_dir=str(self.out), warm_up=self.warm_up)
+                        concurrent=self.population if self.executor == "population" else self.jobs, threads=threads,
+                        wandb_dir=str(self.out), warm_up=self.warm_up)
 
-    def run(self, on_done: Callable[[Trial, dict[str, Any]], None] | None = None) -> list[Trial]:
+    def run(self, on_done: Callable[[Trial, dict[str, Any]], None] | None = None, bar: Any = None) -> list[Trial]:
         """Run every pending trial; ``on_done(trial, summary)`` after each. Returns the trials run.
+        ``bar`` (a tqdm bar) counts a population's iterations.
 
         With ``jobs > 1`` the trials run in that many spawned worker processes (each loads the data
         itself); a worker that raises stops the comparison once the trials already running end.
         """
         self.save()
         todo = self.pending()
+        if self.executor == "population":
+            # trials of one comparison share every setting but seed and controller: any of them can share a model
+            for start in range(0, len(todo), self.population):
+                chunk = todo[start:start + self.population]
+                jobs = [self.job(t, progress=False) for t in chunk]
+                for trial, summary in zip(chunk, run_population(jobs, bar)):
+                    if on_done:
+                        on_done(trial, summary)
+            return todo
         if self.jobs == 1:
             for trial in todo:
                 summary = run_trial(self.job(trial, progress=self.cfg.progress))

@@ -257,6 +257,61 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             torch.cuda.empty_cache()
 
 
+def run_population(jobs: list[TrialJob], bar: Any = None) -> list[dict[str, Any]]:
+    """Train trials that share every setting but the seed and the controller as one population
+    (:class:`gpt.population.PopulationTrainer`): one batched model, each member with its own controller,
+    writing its trial folder as :func:`run_trial` does. Returns each trial's summary (``{"diverged": msg}`` for
+    a member that diverged). Times are the population's, shared by its members.
+    """
+    import torch
+
+    from gpt.data import shared_data
+    from gpt.population import PopulationTrainer
+    from gpt.tracking import RunLogger
+    from gpt.trainer import resolve_device
+
+    cfg = jobs[0].cfg
+    if any(_comparable(j.cfg) != _comparable(dataclasses.replace(cfg, seed=j.cfg.seed)) for j in jobs):
+        raise ValueError("a population's trials must share every setting but the seed")
+    if jobs[0].threads:
+        torch.set_num_threads(jobs[0].threads)
+    data = shared_data(cfg.data, resolve_device(cfg.device))
+    controllers = [make_controller(j.spec) for j in jobs]
+    loggers = []
+    for job, controller in zip(jobs, controllers):
+        clear_run_folder(job.cfg.out)  # an interrupted attempt starts again from scratch
+        config = {**asdict(job.cfg), "controller": controller.name, "controller_spec": job.spec,
+                  **{f"controller.{k}": v for k, v in controller.params().items()},
+                  "comparison": job.comparison, "concurrent_trials": len(jobs), "executor": "population"}
+        loggers.append(RunLogger(job.cfg.out, mode=job.cfg.wandb, project=job.cfg.wandb_project, group=job.group,
+                                 name=job.name, config=config, wandb_dir=job.wandb_dir))
+        write_json(Path(job.cfg.out) / "trial.json", {"config": asdict(job.cfg), "controller": job.spec,
+                                                      "policy_sha256": policy_digest(job.spec)})
+    try:
+        pop = PopulationTrainer(cfg, [j.cfg.seed for j in jobs], controllers, data=data)
+        summaries = pop.train(loggers, bar)
+    except BaseException:
+        for logger in loggers:
+            logger.close()
+        raise
+    results = []
+    for k, (job, logger, summary) in enumerate(zip(jobs, loggers, summaries)):
+        out = Path(job.cfg.out)
+        if summary is None:
+            logger.close()
+            write_json(out / "diverged.json", {"error": "the loss became NaN or infinite",
+                                               "iteration": pop.iterations[k]})
+            results.append({"diverged": "the loss became NaN or infinite"})
+            continue
+        inference = pop.inference[k]
+        (out / "sample.txt").write_text(inference.text if inference else "")
+        summary.update(controller_spec=job.spec, comparison=job.comparison, concurrent_trials=len(jobs),
+                       torch_threads=torch.get_num_threads(), executor="population")
+        logger.finish(summary)
+        results.append(summary)
+    return results
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading trials back
 

@@ -26,7 +26,7 @@ from runs.cli import Parser, add_config_args, add_threads_arg, config_from_args,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
+    p.add_argument("--preset", default="auto", help="paper, cpu, cpu-overfit, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--iters", type=int, default=None,
                    help="timed training iterations of ours; default 300 (CPU) or 500 (CUDA)")
     p.add_argument("--ref-iters", type=int, default=None, help="timed training iterations of the reference; default --iters")
@@ -46,6 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time evaluation passes at each of these batches-per-pass values")
     add_threads_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result here")
+    g = p.add_argument_group("population", "--population K measures the population trainer instead (bench/population.py)")
+    g.add_argument("--population", type=int, default=0, metavar="K",
+                   help="env steps/s of K episodes as one batched model vs a DummyVecEnv of K single envs, and "
+                        "comparison trials/hour of --executor population vs local; 0 = the trainer benchmark")
+    g.add_argument("--episode", default="overfit", help="the episode configuration (envs.EPISODES) the envs run")
+    g.add_argument("--episodes", type=int, default=2, help="whole episodes per env on each side")
+    g.add_argument("--compare-args", default=POPULATION_COMPARE, metavar="ARGS",
+                   help="the small comparison run both ways ('' = skip it)")
     add_config_args(p, skip=("preset", "out", "checkpoint", "progress", "wandb", "wandb_project", "wandb_group"))
     return p.parse_args(argv)
 
@@ -57,8 +65,43 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
         raise UserError(f"{option} must be whole numbers separated by commas; got {text!r}") from None
 
 
+POPULATION_COMPARE = "--preset tiny --controllers constant@0,0.1,linear,pid --seeds 2 --max-iters 160 --eval-interval 16"
+
+
+def population_main(args: argparse.Namespace) -> int:
+    """``--population K``: the population benchmark (bench/population.py)."""
+    import os
+    import shlex
+
+    from bench.population import format_population, run_population_benchmark
+
+    if args.population < 1 or args.episodes < 1:
+        raise UserError(f"--population {args.population} and --episodes {args.episodes} must be at least 1")
+    threads = args.threads or os.cpu_count() or 1
+    compare = None
+    if args.compare_args.strip():  # the comparison's options, read as runs.compare reads them
+        from controllers import parse_controllers
+        from runs.compare import parse_args as compare_args, parse_seeds
+
+        c = compare_args(shlex.split(args.compare_args))
+        c.progress, c.wandb, c.checkpoint = False, "disabled", False
+        cfg = config_from_args(c, c.preset)
+        compare = (cfg, parse_controllers(c.controllers), parse_seeds(c.seeds, cfg.seed))
+    result = run_population_benchmark(args.population, {"episode": args.episode}, args.episodes, threads, compare,
+                                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_population(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(json_safe({"population": result}), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.population:
+        set_threads(args.threads)
+        return population_main(args)
     cfg = config_from_args(args, args.preset)
     cfg.checkpoint, cfg.progress, cfg.wandb = False, False, "disabled"
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())

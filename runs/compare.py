@@ -2,7 +2,7 @@
 
     python -m runs.compare --preset cpu --controllers constant@0,0.1,0.2,linear,exponential,val_loss,pid --seeds 3
     python -m runs.compare --preset paper --controllers constant@0,0.1,0.2,0.3,pid --seeds 3 --jobs 2
-    python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo_tiny/policy.safetensors
+    python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo/policy.safetensors
 
 Writes ``--out``/trials/<controller>-s<seed>/ (one training run each) and ``results.{md,csv,json}``;
 rerunning the same command skips finished trials, so an interrupted comparison resumes. Then
@@ -18,7 +18,7 @@ from pathlib import Path
 from controllers import parse_controllers, spec_name, with_policy
 from dyndrop import UserError
 from dyndrop.folders import FolderLock
-from experiments.comparison import Comparison
+from experiments.comparison import EXECUTORS, Comparison
 from experiments.tables import aggregate, log_table_to_wandb, markdown_table, write_tables
 from experiments.trials import check_inputs
 from runs.cli import Parser, add_config_args, add_policy_arg, config_from_args, interrupt_status, run_cli
@@ -31,10 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...)")
     p.add_argument("--seeds", default="3",
                    help="number of seeds (--seed, --seed+1, ...) or a comma-separated list of seeds")
-    p.add_argument("--preset", default="auto", help="paper, cpu, tiny, or auto (paper on CUDA, else cpu)")
+    p.add_argument("--preset", default="auto", help="paper, cpu, cpu-overfit, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--out", default=None, help="the comparison's folder; default results/<preset>")
     p.add_argument("--name", default="", help="comparison name, also the wandb group compare-<name>; "
                                               "default the --out folder's name")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: trials one after another in this process, or --jobs worker processes at once; "
+                        "population: --population trials at a time trained as one batched model")
+    p.add_argument("--population", type=int, default=8, help="with --executor population: trials per population")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a worker process "
                                                        "(several per GPU is faster for small models)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial; default all cores / --jobs")
@@ -74,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(cfg, specs)  # every controller and the data, before any folder is written
     comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
                             out=Path(args.out or f"results/{cfg.preset}"), name=args.name,
-                            jobs=args.jobs, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
+                            executor=args.executor, jobs=args.jobs, population=args.population, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
     with FolderLock(comparison.out, "comparison"):
         return run_comparison(comparison, cfg.progress)
+
+
+def at_a_time(comparison: Comparison) -> str:
+    if comparison.executor == "population":
+        return f"populations of up to {comparison.population} trials (one batched model each)"
+    return f"{comparison.jobs} at a time"
 
 
 def run_comparison(comparison: Comparison, progress: bool) -> int:
@@ -85,7 +95,7 @@ def run_comparison(comparison: Comparison, progress: bool) -> int:
     total = len(comparison.trials)
     print(f"{comparison.name}: {len(comparison.specs)} controllers × {len(comparison.seeds)} seeds = {total} trials, "
           f"{total - len(pending)} already finished; preset {comparison.cfg.preset}, {comparison.cfg.max_iters} "
-          f"iterations, {comparison.jobs} at a time, out {comparison.out}, wandb group {comparison.group}")
+          f"iterations, {at_a_time(comparison)}, out {comparison.out}, wandb group {comparison.group}")
 
     from tqdm.auto import tqdm
 
@@ -97,13 +107,19 @@ def run_comparison(comparison: Comparison, progress: bool) -> int:
         bar.set_postfix_str(f"{trial.run_name}: " + (f"best val {best:.4f}" if best is not None else "diverged"))
         bar.update(1)
 
+    steps = None
+    if comparison.executor == "population":  # a second bar: the population's iterations
+        steps = tqdm(total=comparison.cfg.max_iters * -(-len(pending) // comparison.population), desc="iterations",
+                     unit="it", dynamic_ncols=True, disable=not progress)
     try:
-        comparison.run(on_done)
+        comparison.run(on_done, bar=steps)
     except KeyboardInterrupt as e:
         bar.close()
         print("\ninterrupted; rerun the same command to continue (finished trials are kept)", file=sys.stderr)
         return interrupt_status(e)
     bar.close()
+    if steps is not None:
+        steps.close()
     table = aggregate(comparison)
     paths = write_tables(table, comparison.out)
     log_table_to_wandb(comparison, table)

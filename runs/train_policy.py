@@ -2,8 +2,8 @@
 
     python -m runs.train_policy                                   # demo budget: 2048 env steps, ~10 min on 2 cores
     python -m runs.train_policy --total-timesteps 20000 --n-envs 8 --vec subproc   # with spare cores
-    python -m runs.eval_policy --policy policies/ppo_tiny/policy.safetensors           # held-out comparison
-    python -m runs.train --controller ppo --policy policies/ppo_tiny/policy.safetensors --preset cpu
+    python -m runs.eval_policy --policy policies/ppo/policy.safetensors           # held-out comparison
+    python -m runs.train --controller ppo --policy policies/ppo/policy.safetensors --preset cpu
 
 Writes into ``--out``: ``policy.safetensors`` + ``policy.json`` (final policy and its metadata),
 ``checkpoints/policy_<steps>.safetensors`` (+ .json), ``progress.csv`` (sb3's log) and the wandb run.
@@ -20,21 +20,26 @@ from typing import Any
 
 from dyndrop import UserError
 from gpt.config import option
+from envs.policy_training import VEC_KINDS
 from runs.cli import Parser, add_dataclass_args, run_cli
 
 
 @dataclass
 class Args:
-    out: str = option("policies/ppo_tiny", "folder for the policy, its checkpoints and logs")
+    out: str = option("policies/ppo", "folder for the policy, its checkpoints and logs")
     total_timesteps: int = option(2048, "env steps (control intervals) to train for")
     n_envs: int = option(2, "parallel episodes per rollout")
-    vec: str = option("dummy", "dummy (all envs in this process) or subproc (one process per env: needs spare cores)")
+    vec: str = option("population", "population (the episodes trained as one batched model), dummy (single envs in "
+                                    "this process) or subproc (one process per env: needs spare cores)")
+    threads: int = option(0, "torch CPU threads of the population env; 0 = torch's choice (single envs use 1 each)")
     seed: int = option(0, "seeds PPO and the envs' instance draws")
     # env
-    preset: str = option("tiny", "preset of the model trained in each episode")
-    max_iters: int = option(160, "optimizer steps per episode")
-    interval: int = option(16, "optimizer steps per env step (evaluation and control interval)")
-    eval_iters: int = option(0, "evaluation batches per split; 0 = the preset's")
+    episode: str = option("overfit", "named episode configuration (envs.EPISODES): overfit (data-limited, the "
+                                     "default) or tiny (the first one, which underfits)")
+    preset: str = option("", "preset of the model trained in each episode; empty = the episode's")
+    max_iters: int = option(0, "optimizer steps per episode; 0 = the episode's")
+    interval: int = option(0, "optimizer steps per env step (evaluation and control interval); 0 = the episode's")
+    eval_iters: int = option(0, "evaluation batches per split; 0 = the episode's")
     p_min: float = option(0.0, "rate for action -1")
     p_max: float = option(0.5, "rate for action +1")
     per_layer: bool = option(False, "one rate per transformer layer")
@@ -69,14 +74,14 @@ def check_args(args: Args) -> None:
     def bad(name: str, must: str) -> UserError:
         return UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be {must}")
 
-    if args.vec not in ("dummy", "subproc"):
-        raise bad("vec", "dummy or subproc")
+    if args.vec not in VEC_KINDS:
+        raise bad("vec", " or ".join(VEC_KINDS))
     if args.wandb not in ("online", "offline", "disabled"):
         raise bad("wandb", "online, offline or disabled")
     for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
         if getattr(args, name) < 1:
             raise bad(name, "at least 1")
-    for name in ("checkpoint_every", "eval_iters", "seed"):
+    for name in ("checkpoint_every", "eval_iters", "seed", "threads"):
         if getattr(args, name) < 0:
             raise bad(name, "at least 0")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
@@ -101,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     from envs.policy_training import (EpisodeStatsCallback, PolicyCheckpointCallback, TqdmCallback, WandbWriter,
                                       make_vec_env, save_policy)
 
-    env_kwargs = dict(preset=args.preset, max_iters=args.max_iters, interval=args.interval, p_min=args.p_min,
+    env_kwargs = dict(episode=args.episode, preset=args.preset or None, max_iters=args.max_iters or None,
+                      interval=args.interval or None, p_min=args.p_min,
                       p_max=args.p_max, per_layer=args.per_layer, reward=args.reward, reward_scale=args.reward_scale,
                       config={"eval_iters": args.eval_iters} if args.eval_iters else None)
     env_meta = DropoutEnv(**env_kwargs).metadata_dict()  # validates the options before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    venv = make_vec_env(args.n_envs, env_kwargs, args.seed, subproc=args.vec == "subproc")
+    venv = make_vec_env(args.n_envs, env_kwargs, args.seed, kind=args.vec, threads=args.threads or None)
 
     formats: list[Any] = [CSVOutputFormat(str(out / "progress.csv"))]
     if not args.progress:
@@ -127,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     callbacks = [EpisodeStatsCallback(), PolicyCheckpointCallback(args.checkpoint_every, out / "checkpoints", env_meta)]
     if args.progress:
         callbacks.append(TqdmCallback())
-    print(f"PPO on DynamicDropout-v0: {args.preset} episodes of {args.max_iters} steps, "
-          f"{-(-args.max_iters // args.interval)} decisions each; {args.total_timesteps} env steps, "
+    print(f"PPO on DynamicDropout-v0: {env_meta['episode']} episodes ({env_meta['preset']} preset, "
+          f"{env_meta['max_iters']} steps, {-(-env_meta['max_iters'] // env_meta['interval'])} decisions each); "
+          f"{args.total_timesteps} env steps, "
           f"{args.n_envs} envs ({args.vec}); out {out}; wandb {args.wandb}")
     t0 = time.perf_counter()
     try:

@@ -89,7 +89,7 @@ def test_env_and_controller_see_the_same_features(policy, chardata):
     observe, update = controller.featurizer.observe, controller.update
     controller.featurizer.observe = lambda stats: seen.append(observe(stats)) or seen[-1]
     controller.update = lambda stats: rates.append(update(stats)) or rates[-1]
-    cfg = episode_config("tiny", 40, 10, seed=9001, eval_iters=2)
+    cfg = episode_config("tiny", 40, 10, seed=9001, **env.config_overrides)
     summary = Trainer(cfg, controller, data=chardata).train()
     np.testing.assert_array_equal(np.array(seen), np.array(env_obs))
     assert rates == env_rates
