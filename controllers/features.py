@@ -56,7 +56,7 @@ def _symlog(x: float) -> float:
     return math.copysign(math.log1p(abs(x)), x)
 
 
-def _slope(t: Sequence[float], y: Sequence[float]) -> float:
+def slope(t: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of ``y`` against ``t``; 0 with fewer than two distinct times."""
     if len(t) < 2:
         return 0.0
@@ -103,8 +103,8 @@ class Featurizer:
             log_val,
             log_train,
             (stats.eval_val_loss - stats.eval_train_loss) / stats.eval_val_loss if stats.eval_val_loss else math.nan,
-            _symlog(_slope(ts, [h[1] for h in self.history])),
-            _symlog(_slope(ts, [h[2] for h in self.history])),
+            _symlog(slope(ts, [h[1] for h in self.history])),
+            _symlog(slope(ts, [h[2] for h in self.history])),
             stats.rate,
             (stats.iteration - stats.best_val_iter) / n,
             log_val - _log(stats.best_val_loss),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from controllers import CONTROLLERS, TrainingStats, check_rate, make_controller
@@ -160,7 +161,7 @@ def run_pid(ctrl: PIDController, gaps, every: int = 10, start: int = 0) -> list[
 
 
 def test_pid_before_first_eval_and_stale_evals_hold_output():
-    ctrl = PIDController(setpoint=0.0, bias=0.1, kp=1.0, ki=1.0)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.0, bias=0.1, kp=1.0, ki=1.0)
     assert ctrl.output == 0.1
     first = rate_of(ctrl, stats(0, gap=0.05))
     assert first == pytest.approx(0.1 + 0.05)  # no dt yet: no integral, no derivative
@@ -168,7 +169,7 @@ def test_pid_before_first_eval_and_stale_evals_hold_output():
 
 
 def test_pid_proportional_only():
-    ctrl = PIDController(setpoint=0.02, kp=2.0, ki=0.0, kd=0.0, bias=0.05)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.02, kp=2.0, ki=0.0, kd=0.0, bias=0.05)
     for k, g in enumerate([0.0, 0.04, 0.1, 0.07, 0.2]):
         expected = min(max(0.05 + 2.0 * (g - 0.02), 0.0), 0.5)
         assert rate_of(ctrl, stats(10 * k, gap=g)) == pytest.approx(expected)
@@ -177,7 +178,7 @@ def test_pid_proportional_only():
 
 def test_pid_step_response_integrates_monotonically():
     kp, ki, every = 1.0, 2.0, 10
-    ctrl = PIDController(setpoint=0.0, kp=kp, ki=ki, kd=0.0, max_rate=0.5)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.0, kp=kp, ki=ki, kd=0.0, max_rate=0.5)
     outputs = run_pid(ctrl, [0.1] * 20, every=every)
     dt = every / MAX_ITERS
     for k, out in enumerate(outputs):
@@ -186,7 +187,7 @@ def test_pid_step_response_integrates_monotonically():
 
 
 def test_pid_clamps_to_limits():
-    ctrl = PIDController(kp=10.0, ki=0.0, min_rate=0.05, max_rate=0.3, bias=0.1)
+    ctrl = PIDController(signal="gap", start=0.0, kp=10.0, ki=0.0, min_rate=0.05, max_rate=0.3, bias=0.1)
     assert rate_of(ctrl, stats(0, gap=1.0)) == 0.3
     assert rate_of(ctrl, stats(10, gap=-1.0)) == 0.05
 
@@ -194,7 +195,7 @@ def test_pid_clamps_to_limits():
 def test_pid_anti_windup_leaves_saturation_when_error_flips():
     # The P term alone stays below max_rate; the I term saturates the output and stays there a long time.
     kp, ki, every, max_rate = 1.0, 5.0, 10, 0.5
-    ctrl = PIDController(setpoint=0.0, kp=kp, ki=ki, kd=0.0, max_rate=max_rate)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.0, kp=kp, ki=ki, kd=0.0, max_rate=max_rate)
     n_high = 80
     outputs = run_pid(ctrl, [0.2] * n_high, every=every)
     assert outputs[-1] == pytest.approx(max_rate)
@@ -211,14 +212,14 @@ def test_pid_anti_windup_leaves_saturation_when_error_flips():
 
 
 def test_pid_integral_frozen_while_saturated_low():
-    ctrl = PIDController(setpoint=0.0, kp=1.0, ki=5.0, min_rate=0.0)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.0, kp=1.0, ki=5.0, min_rate=0.0)
     run_pid(ctrl, [-0.2] * 50)
     assert ctrl.internals()["i"] == 0.0
     assert rate_of(ctrl, stats(500, gap=0.05)) == pytest.approx(0.05 + 5.0 * 0.05 * 0.01)
 
 
 def test_pid_derivative_on_measurement_no_setpoint_kick():
-    ctrl = PIDController(setpoint=0.0, kp=1.0, ki=0.0, kd=0.5, d_filter=1.0, bias=0.2)
+    ctrl = PIDController(signal="gap", start=0.0, setpoint=0.0, kp=1.0, ki=0.0, kd=0.5, d_filter=1.0, bias=0.2)
     run_pid(ctrl, [0.1] * 5)
     ctrl.setpoint = -0.1  # error jumps from 0.1 to 0.2; the measurement does not move
     out = rate_of(ctrl, stats(50, gap=0.1))
@@ -231,7 +232,7 @@ def test_pid_derivative_on_measurement_no_setpoint_kick():
 
 def test_pid_derivative_filter_and_first_step():
     a = 0.25
-    ctrl = PIDController(kp=0.0, ki=0.0, kd=1.0, d_filter=a, bias=0.1)
+    ctrl = PIDController(signal="gap", start=0.0, kp=0.0, ki=0.0, kd=1.0, d_filter=a, bias=0.1)
     rate_of(ctrl, stats(0, gap=0.5))
     assert ctrl.internals()["derivative"] == 0.0  # no previous measurement
     rate_of(ctrl, stats(10, gap=0.51))  # raw slope 1
@@ -241,18 +242,31 @@ def test_pid_derivative_filter_and_first_step():
 
 
 def test_pid_val_slope_signal():
-    ctrl = PIDController(signal="val_slope", setpoint=0.0, kp=0.1, ki=0.0)
+    """The least-squares slope of the val loss over the last `window` evaluations, per unit of progress."""
+    ctrl = PIDController(signal="val_slope", setpoint=0.0, kp=0.1, ki=0.0, window=2, start=0.0)
     rate_of(ctrl, stats(0, val=2.0))
     assert ctrl.internals()["measurement"] == 0.0  # first evaluation: no slope
     rate_of(ctrl, stats(100, val=1.9))
     assert ctrl.internals()["measurement"] == pytest.approx(-0.1 / 0.1)
     out = rate_of(ctrl, stats(300, val=2.0))
-    assert ctrl.internals()["measurement"] == pytest.approx(0.1 / 0.2)
+    assert ctrl.internals()["measurement"] == pytest.approx(0.1 / 0.2)  # window 2: the last two evaluations
     assert out == pytest.approx(0.1 * 0.5)
+    three = PIDController(signal="val_slope", setpoint=0.0, kp=0.1, ki=0.0, window=3, start=0.0)
+    for it, val in ((0, 2.0), (100, 1.9), (300, 2.0)):
+        rate_of(three, stats(it, val=val))
+    t, v = np.array([0.0, 0.1, 0.3]), np.array([2.0, 1.9, 2.0])
+    assert three.internals()["measurement"] == pytest.approx(np.polyfit(t, v, 1)[0])
+
+
+def test_pid_gap_slope_signal():
+    ctrl = PIDController(signal="gap_slope", setpoint=0.0, kp=1.0, ki=0.0, window=3, start=0.0)
+    for it, gap in ((0, 0.0), (100, 0.1), (200, 0.2), (300, 0.3)):
+        rate_of(ctrl, stats(it, val=2.0 + gap, train=2.0))
+    assert ctrl.internals()["measurement"] == pytest.approx(1.0)  # the gap grows 0.1 per 0.1 of the run
 
 
 def test_pid_non_finite_measurement_holds():
-    ctrl = PIDController()
+    ctrl = PIDController(signal="gap", start=0.0)
     run_pid(ctrl, [0.1, 0.12])
     state = ctrl.state_dict()
     out = rate_of(ctrl, stats(20, val=math.nan))
@@ -260,7 +274,7 @@ def test_pid_non_finite_measurement_holds():
 
 
 def test_pid_internals_are_floats():
-    ctrl = PIDController(kd=0.1)
+    ctrl = PIDController(signal="gap", start=0.0, kd=0.1)
     run_pid(ctrl, [0.1, 0.2, 0.15])
     internals = ctrl.internals()
     assert {"p", "i", "d", "error", "measurement", "output"} <= set(internals)
@@ -296,7 +310,7 @@ def test_pid_state_round_trip(signal):
 
 
 def test_reset_clears_state():
-    ctrl = PIDController(ki=5.0)
+    ctrl = PIDController(signal="gap", start=0.0, ki=5.0)
     first = run_pid(ctrl, [0.1] * 10)
     ctrl.reset(n_layers=4)
     assert run_pid(ctrl, [0.1] * 10) == first
@@ -375,3 +389,10 @@ def test_controller_modules_do_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_pid_holds_the_bias_before_start():
+    ctrl = PIDController(signal="gap", setpoint=0.0, kp=1.0, ki=0.0, start=0.1)
+    assert rate_of(ctrl, stats(50, gap=0.3)) == 0.0  # 5 % of the run: not measured
+    assert ctrl.internals()["measurement"] == 0.0
+    assert rate_of(ctrl, stats(100, gap=0.3)) == pytest.approx(0.3)

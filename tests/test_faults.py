@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--preset", "tiny", "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "5",
-        "--gen-tokens", "0", "--controller", "pid:kp=4,ki=4,setpoint=0", "--no-progress", "--wandb", "disabled",
+        "--gen-tokens", "0", "--controller", "pid:signal=gap,kp=4,ki=4,setpoint=0,start=0", "--no-progress", "--wandb", "disabled",
         "--threads", "1"]
 TIMING = ("perf/", "time_s", "tokens_per_s")
 
