@@ -150,16 +150,17 @@ def test_a_finished_episode_steps_again_only_after_reset(env_cls):
 
 
 def test_actions_of_the_wrong_shape_are_refused(env_cls):
-    env = env_cls(**SHORT)  # one action for all layers; the tiny model has 2 layers
+    env = env_cls(**SHORT)  # one action for all layers
+    n_layer = env.base_config.n_layer
     env.reset(options={"instance": 9000})
-    for bad in (np.zeros(2, np.float32), np.zeros((1, 1), np.float32), np.float32(0.0)):
+    for bad in (np.zeros(n_layer, np.float32), np.zeros((1, 1), np.float32), np.float32(0.0)):
         with pytest.raises(ValueError, match="shape"):
-            env.step(bad)
+            env.step(bad)  # a vector of one rate per layer fits the model, but not this action space
     per_layer = env_cls(per_layer=True, **SHORT)
     per_layer.reset(options={"instance": 9000})
     with pytest.raises(ValueError, match="shape"):
         per_layer.step(np.zeros(1, np.float32))
-    per_layer.step(np.zeros(2, np.float32))
+    per_layer.step(np.zeros(n_layer, np.float32))
 
 
 @pytest.mark.parametrize("options", [{"instanse": 3}, {"split": "test"}, {"instance": -1}, {"instance": 1.5},
