@@ -21,7 +21,7 @@ from gpt.config import MAX_SEED, TrainConfig
 
 from .trials import Trial, TrialJob, TrialResult, load_result, run_population, run_trial, trial_status
 
-EXECUTORS = ("local", "population")
+EXECUTORS = ("local", "population", "ray")
 """How a comparison's trials run (see :class:`Comparison`)."""
 
 
@@ -41,6 +41,9 @@ class Comparison:
         (:func:`experiments.trials.run_population`), in this process.
     :param jobs: with ``local``: trials run at once, each in its own worker process (1 = in this process).
     :param population: with ``population``: members per population (trials trained together).
+    :param address: with ``ray``: the cluster (``auto``, ``HOST:PORT``); None = a local Ray instance.
+    :param cpus_per_trial: with ``ray``: CPUs each trial's task asks for (fractions allowed).
+    :param gpus_per_trial: with ``ray``: GPUs each trial's task asks for (fractions allowed: 0.5 = two a GPU).
     :param threads: torch CPU threads per trial; None = all cores divided by ``jobs``.
     :param target: validation loss for "iterations/seconds to target"; None = the default rule
         (:func:`experiments.stats.default_target`).
@@ -57,6 +60,9 @@ class Comparison:
     executor: str = "local"
     jobs: int = 1
     population: int = 8
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
     threads: int | None = None
     target: float | None = None
     baseline: str | None = None
@@ -67,6 +73,10 @@ class Comparison:
         self.name = self.name or self.out.resolve().name
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor} is invalid: it must be one of {', '.join(EXECUTORS)}")
+        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)) or not (
+                self.gpus_per_trial >= 0 and math.isfinite(self.gpus_per_trial)):
+            raise UserError(f"--cpus-per-trial {self.cpus_per_trial} must be > 0 and --gpus-per-trial "
+                            f"{self.gpus_per_trial} >= 0")
         if self.population < 1:
             raise UserError(f"--population {self.population} is invalid: it must be at least 1")
         if self.jobs < 1:
@@ -150,8 +160,11 @@ class Comparison:
         threads = self.threads
         if threads is None and self.jobs > 1 and self.executor == "local":  # workers must not each take every core
             threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        if threads is None and self.executor == "ray":  # as many threads as CPUs the task holds
+            threads = max(1, int(self.cpus_per_trial))
         return TrialJob(cfg=cfg, spec=trial.spec, name=trial.run_name, group=self.group, comparison=self.name,
-                        concurrent=self.population if self.executor == "population" else self.jobs, threads=threads,
+                        concurrent=self.population if self.executor == "population" else
+                        0 if self.executor == "ray" else self.jobs, threads=threads,
                         wandb_dir=str(self.out), warm_up=self.warm_up)
 
     def run(self, on_done: Callable[[Trial, dict[str, Any]], None] | None = None, bar: Any = None) -> list[Trial]:
@@ -163,6 +176,12 @@ class Comparison:
         """
         self.save()
         todo = self.pending()
+        if self.executor == "ray":
+            from .ray_executor import run_on_ray
+
+            run_on_ray([(t, self.job(t, progress=False)) for t in todo], self.out, self.address, self.cpus_per_trial,
+                       self.gpus_per_trial, self.cfg.data, on_done)
+            return todo
         if self.executor == "population":
             # trials of one comparison share every setting but seed and controller: any of them can share a model
             for start in range(0, len(todo), self.population):

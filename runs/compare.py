@@ -37,8 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               "default the --out folder's name")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local: trials one after another in this process, or --jobs worker processes at once; "
-                        "population: --population trials at a time trained as one batched model")
+                        "population: --population trials at a time trained as one batched model; ray: each trial "
+                        "a Ray task on a local Ray instance or the cluster at --address")
     p.add_argument("--population", type=int, default=8, help="with --executor population: trials per population")
+    p.add_argument("--address", default=None, help="with --executor ray: the cluster, auto or HOST:PORT; "
+                                                   "default a local Ray instance started for the comparison")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="with --executor ray: CPUs per trial's task")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="with --executor ray: GPUs per trial's task; fractions share a GPU (0.25 = four a GPU)")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a worker process "
                                                        "(several per GPU is faster for small models)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial; default all cores / --jobs")
@@ -78,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(cfg, specs)  # every controller and the data, before any folder is written
     comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
                             out=Path(args.out or f"results/{cfg.preset}"), name=args.name,
-                            executor=args.executor, jobs=args.jobs, population=args.population, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
+                            executor=args.executor, jobs=args.jobs, population=args.population, address=args.address,
+                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
     with FolderLock(comparison.out, "comparison"):
         return run_comparison(comparison, cfg.progress)
 
 
 def at_a_time(comparison: Comparison) -> str:
+    if comparison.executor == "ray":
+        return (f"Ray tasks of {comparison.cpus_per_trial:g} CPU + {comparison.gpus_per_trial:g} GPU "
+                f"on {comparison.address or 'a local Ray instance'}")
     if comparison.executor == "population":
         return f"populations of up to {comparison.population} trials (one batched model each)"
     return f"{comparison.jobs} at a time"
