@@ -1,7 +1,7 @@
 """Train a PPO policy that sets the dropout rate, on short ``DynamicDropout-v0`` episodes.
 
-    python -m runs.train_policy                                   # demo budget: 2048 env steps, ~10 min on 2 cores
-    python -m runs.train_policy --total-timesteps 20000 --n-envs 8 --vec subproc   # with spare cores
+    python -m runs.train_policy                                   # demo budget: 160 env steps (16 episodes, 2 updates)
+    python -m runs.train_policy --total-timesteps 640 --out policies/ppo-640   # 64 episodes, ~30-40 min on 2 cores
     python -m runs.eval_policy --policy policies/ppo/policy.safetensors           # held-out comparison
     python -m runs.train --controller ppo --policy policies/ppo/policy.safetensors --preset cpu
 
@@ -27,8 +27,8 @@ from runs.cli import Parser, add_dataclass_args, run_cli
 @dataclass
 class Args:
     out: str = option("policies/ppo", "folder for the policy, its checkpoints and logs")
-    total_timesteps: int = option(2048, "env steps (control intervals) to train for")
-    n_envs: int = option(2, "parallel episodes per rollout")
+    total_timesteps: int = option(160, "env steps (control intervals) to train for; an overfit episode has 10")
+    n_envs: int = option(8, "parallel episodes per rollout")
     vec: str = option("population", "population (the episodes trained as one batched model), dummy (single envs in "
                                     "this process) or subproc (one process per env: needs spare cores)")
     threads: int = option(0, "torch CPU threads of the population env; 0 = torch's choice (single envs use 1 each)")
@@ -46,15 +46,15 @@ class Args:
     reward: str = option("best_val", "best_val, val or final (see envs.DropoutEnv)")
     reward_scale: float = option(10.0, "multiplies every reward")
     # PPO
-    n_steps: int = option(32, "env steps per env per rollout (one PPO update each)")
-    batch_size: int = option(32, "minibatch size")
+    n_steps: int = option(10, "env steps per env per rollout (one PPO update each); 10 = one overfit episode")
+    batch_size: int = option(40, "minibatch size")
     n_epochs: int = option(10, "passes over each rollout")
     learning_rate: float = option(1e-3, "Adam learning rate")
     gamma: float = option(0.99, "discount")
     gae_lambda: float = option(0.95, "GAE lambda")
     ent_coef: float = option(0.0, "entropy bonus")
     log_std_init: float = option(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
-    checkpoint_every: int = option(512, "save the policy every this many env steps; 0 = never")
+    checkpoint_every: int = option(160, "save the policy every this many env steps; 0 = never")
     # tracking
     wandb: str = option("offline", "online, offline or disabled")
     wandb_project: str = option("dynamic-dropout", "wandb project")

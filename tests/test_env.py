@@ -168,3 +168,24 @@ def test_actions_of_the_wrong_shape_are_refused(env_cls):
 def test_reset_refuses_unknown_options(env_cls, options):
     with pytest.raises(ValueError):
         env_cls(**SHORT).reset(options=options)
+
+
+def test_default_episode_is_data_limited_and_the_old_one_stays_reachable(env_cls):
+    import envs
+    env = env_cls(**SHORT)
+    assert env.episode == envs.DEFAULT_EPISODE == "overfit"
+    assert 0 < env.base_config.train_chars <= 10_000  # trains on a small prefix of the split: it can overfit
+    tiny = env_cls(episode="tiny")
+    assert (tiny.max_iters, tiny.interval, tiny.base_config.train_chars) == (160, 16, 0)
+    with pytest.raises(UserError, match="unknown episode"):
+        env_cls(episode="nope")
+
+
+@pytest.mark.slow
+def test_a_data_limited_episode_overfits_at_rate_0(env_cls):
+    """The overfit episode's model on a cheaper cut (1,500 characters, 300 steps): at rate 0 the val loss
+    passes its best well before the end and ends far above it, which is what makes dropout matter."""
+    env = env_cls(max_iters=300, interval=50, config={"train_chars": 1500, "eval_iters": 4})
+    _, _, info = run_episode(env, [[-1.0]] * 6, seed=0, options={"instance": 1000})
+    assert info["iteration"] == 300
+    assert info["val_loss"] > info["best_val_loss"] + 0.1
