@@ -178,7 +178,7 @@ def test_eval_policy_prints_the_table(policy, capsys):
 
     assert eval_policy.main(["--policy", str(policy), "--seeds", "9000", "--baselines", "constant:rate=0.0"]) == 0
     out = capsys.readouterr().out
-    assert "best val loss" in out and "Δ vs constant:rate=0.0 (best fixed)" in out
+    assert "best_val_loss_full" in out and "Δ vs constant:rate=0.0 (best fixed)" in out
     assert any(line.startswith("ppo ") and "Δ" in line for line in out.splitlines())
 
 
@@ -240,3 +240,24 @@ def test_eval_policy_takes_the_policy_either_way(policy, tmp_path):
                                 "--max-iters", "20", "--out", str(out)]) == 0
         results.append(json.loads(out.read_text())["best_val_loss"])
     assert results[0] == results[1]
+
+
+def test_eval_policy_takes_any_controller_and_reuses_saved_runs(tmp_path, capsys):
+    """PID on a named episode; a second call with the same episode config reads the runs from --out
+    instead of training them again (a planted value shows up), a changed config trains afresh."""
+    from runs import eval_policy
+
+    out = tmp_path / "eval.json"
+    args = ["--controller", "pid", "--episode", "tiny", "--seeds", "9000", "--baselines", "constant@0,0.1",
+            "--max-iters", "20", "--out", str(out)]
+    assert eval_policy.cli(args) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["runs"]) == {"pid", "constant:rate=0", "constant:rate=0.1"}
+    assert saved["best_fixed"] in ("constant:rate=0", "constant:rate=0.1")
+    saved["runs"]["constant:rate=0.1"]["9000"]["best_val_loss_full"] = 0.125
+    out.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert eval_policy.cli(args) == 0
+    assert "constant:rate=0.1=0.1250" in capsys.readouterr().out
+    assert eval_policy.cli([*args[:-4], "--max-iters", "10", "--out", str(out)]) == 0
+    assert "constant:rate=0.1=0.1250" not in capsys.readouterr().out
