@@ -119,6 +119,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise bad(name, value, "a finite number >= 0" + (" (0 = off)" if name == "grad_clip" else ""))
+    if cfg.learning_rate * cfg.weight_decay >= 1:  # AdamW multiplies each matrix by (1 - lr * wd) per step
+        raise bad("weight_decay", cfg.weight_decay, f"below 1 / --learning-rate ({1 / cfg.learning_rate:g}): AdamW "
+                                                    "shrinks each matrix by lr * wd per step")
     if cfg.min_lr > cfg.learning_rate:
         raise bad("min_lr", cfg.min_lr, f"at most --learning-rate ({cfg.learning_rate})")
     for name in ("beta1", "beta2"):

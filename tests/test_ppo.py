@@ -21,9 +21,9 @@ def policy(chardata, tmp_path_factory):
     from runs import train_policy
 
     out = tmp_path_factory.mktemp("ppo")
-    code = train_policy.main(["--out", str(out), "--total-timesteps", "16", "--n-steps", "8", "--batch-size", "8",
-                              "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled", "--no-progress",
-                              *ENV_ARGS])
+    code = train_policy.main(["--out", str(out), "--total-timesteps", "16", "--n-envs", "2", "--n-steps", "8",
+                              "--batch-size", "8", "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled",
+                              "--no-progress", *ENV_ARGS])
     assert code == 0
     return out / "policy.safetensors"
 

@@ -356,7 +356,8 @@ def test_divergence_in_the_warm_up_is_recorded_not_a_crash(tmp_path, capsys):
     out = tmp_path / "cmp"
     # a batch size no other test uses: the warm-up runs once per process and model shape
     code, err = call("compare", ["--controllers", "constant@0,0.1", "--seeds", "1", "--threads", "1", *TINY,
-                                 "--batch-size", "5", "--learning-rate", "1e30", "--min-lr", "0", "--out", str(out)],
+                                 "--batch-size", "5", "--learning-rate", "1e30", "--min-lr", "0", "--weight-decay", "0",
+                                 "--out", str(out)],
                      capsys)
     one_line_error(code, err, "diverged")
     assert len(list((out / "trials").glob("*/diverged.json"))) == 2
