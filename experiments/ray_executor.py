@@ -66,11 +66,13 @@ def run_remote_trial(job: TrialJob, dataset: bytes | None) -> dict[str, Any]:
         folder = Path("trials") / Path(job.cfg.out).name
         local = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, out=str(root / folder)), wandb_dir=tmp)
         summary = run_trial(local)
-        record = root / folder / "trial.json"  # say where the trial lives for the driver, not here
-        write_json(record, {**read_json(record), "config": {**read_json(record)["config"], "out": job.cfg.out}})
+        node = ray.get_runtime_context().get_node_id()
+        record = root / folder / "trial.json"  # where the trial lives for the driver, not here; where it ran
+        saved = read_json(record)
+        write_json(record, {**saved, "config": {**saved["config"], "out": job.cfg.out}, "ray_node": node})
         files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
                  if p.is_file() and p.relative_to(root).parts[0] != ".data" and not p.name.startswith(".dyndrop")}
-    return {"summary": summary, "files": files, "node": ray.get_runtime_context().get_node_id()}
+    return {"summary": summary, "files": files, "node": node}
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> None:
