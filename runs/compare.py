@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_SEED_COUNT = 100
+
+
 def parse_seeds(text: str, first: int) -> list[int]:
     try:
         if "," in text:
@@ -69,6 +72,8 @@ def parse_seeds(text: str, first: int) -> list[int]:
         raise UserError(f"--seeds must be a count or a comma-separated list of integers, not {text!r}") from None
     if n < 1:
         raise UserError(f"--seeds must be >= 1, got {n}")
+    if n > MAX_SEED_COUNT:  # almost always a seed meant as a list of one
+        raise UserError(f"--seeds {n} asks for {n} seeds (a count); for the one seed {n} write --seeds {n},")
     return [first + i for i in range(n)]
 
 
