@@ -40,7 +40,7 @@ class TrainConfig:
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = option(100, "linear warmup steps")
     lr_decay_iters: int = option(0, "cosine decay length in steps; 0 = max_iters")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices, below 1 / learning_rate")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -39,7 +38,7 @@ from .config import TrainConfig
 from .data import CharData
 from .model import GPT, random_bits, scaled_keep_mask
 from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, control_record, data_streams, full_val_loss,
-                      initial_model, lr_at, measure_inference, resolve_device, run_summary)
+                      initial_model, lr_at, measure_inference, resolve_precision, run_summary)
 
 
 class PopulationGPT(nn.Module):
@@ -227,11 +226,7 @@ class PopulationTrainer:
         self.controllers = list(controllers) if controllers is not None else [None] * self.K
         if len(self.controllers) != self.K:
             raise ValueError(f"{len(self.controllers)} controllers for {self.K} members")
-        self.device = resolve_device(cfg.device)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
-        self.dtype = getattr(torch, dtype)
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 else nullcontext())
+        self.device, self.dtype, self.autocast = resolve_precision(cfg)
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
         self.seeds = list(seeds)
         members = [self._new_member(seed) for seed in self.seeds]

@@ -116,6 +116,15 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use cpu, cuda or auto") from None
 
 
+def resolve_precision(cfg: TrainConfig) -> tuple[torch.device, torch.dtype, Any]:
+    """The device, the compute dtype (``auto``: bfloat16 on CUDA, else float32) and the autocast context for
+    it (a no-op context in float32)."""
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return device, dtype, autocast
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process so far."""
     from torch._dynamo.utils import counters
@@ -295,11 +304,7 @@ class Trainer:
                  logger: RunLogger | None = None, meta: dict[str, Any] | None = None) -> None:
         self.cfg, self.controller, self.logger = cfg, controller, logger
         self.meta = meta or {}  # saved in checkpoints as is (e.g. the controller spec to rebuild it)
-        self.device = resolve_device(cfg.device)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
-        self.dtype = getattr(torch, dtype)
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 else nullcontext())
+        self.device, self.dtype, self.autocast = resolve_precision(cfg)
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
 
         self.model = initial_model(cfg, self.data.vocab_size, cfg.seed, self.device)

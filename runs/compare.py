@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated controller specs; NAME@V1,V2 sweeps the first parameter "
                         "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...)")
     p.add_argument("--seeds", default="3",
-                   help="number of seeds (--seed, --seed+1, ...) or a comma-separated list of seeds")
+                   help="number of seeds (--seed, --seed+1, ...; at most 100) or a comma-separated list of seeds "
+                        "(one seed: --seeds 1337,)")
     p.add_argument("--preset", default="auto", help="paper, cpu, cpu-overfit, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--out", default=None, help="the comparison's folder; default results/<preset>")
     p.add_argument("--name", default="", help="comparison name, also the wandb group compare-<name>; "
