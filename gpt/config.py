@@ -35,7 +35,7 @@ class TrainConfig:
                                           "eagerly: a graph break per layer under torch.compile)")
     # optimisation (nanoGPT's recipe)
     batch_size: int = option(12, "sequences per optimizer step")
-    max_iters: int = option(2000, "optimizer steps in the run")
+    max_iters: int = option(2000, "optimizer steps in the run (at most 10,000,000)")
     learning_rate: float = option(1e-3, "peak learning rate after warmup")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = option(100, "linear warmup steps")
@@ -94,8 +94,10 @@ _AT_LEAST = {  # integer settings and their smallest value
     "eval_iters": 1, "eval_merge": 1, "control_interval": 1, "log_interval": 1, "max_iters": 0,
     "warmup_iters": 0, "lr_decay_iters": 0, "gen_tokens": 0, "train_chars": 0, "seed": 0,
 }
-_AT_MOST = {  # caps on what a run allocates in proportion to a setting (beyond them: an out-of-memory crash)
+_AT_MOST = {  # caps on what a run allocates or runs in proportion to a setting (beyond them: an out-of-memory
+    # crash, or a run that never ends: 10 million steps of the paper preset take days on a GPU)
     "seed": MAX_SEED, "gen_tokens": 1_000_000, "eval_iters": 100_000, "eval_merge": 100_000,
+    "max_iters": 10_000_000,
 }
 _WHY = {"block_size": " (sampling continues from the last block_size - 1 characters)"}
 

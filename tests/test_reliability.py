@@ -79,6 +79,7 @@ def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capsys, args, wor
     ("compare", ["--controllers", "constant", "--threads", "-2"], "--threads"),
     ("compare", ["--controllers", "constant", "--target", "nan"], "--target"),
     ("compare", ["--controllers", "constant", "--seeds", "1337"], "--seeds 1337,"),
+    ("train", ["--max-iters", "99999999999999999999999"], "at most 10000000"),
     ("compare", ["--controllers", "constant", "--grad-clip", "-1"], "--grad-clip"),
     ("compare", ["--controllers", "constant", "--bogus"], "--help"),
     ("bench", ["--threads", "0"], "--threads"),
