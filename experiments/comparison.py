@@ -22,6 +22,27 @@ from gpt.config import MAX_SEED, TrainConfig
 from .trials import Trial, TrialJob, TrialResult, load_result, run_population, run_trial, trial_status
 
 EXECUTORS = ("local", "population", "ray")
+PARENT_POLL_S = 2.0
+"""How often a worker process checks that the comparison that started it is still alive (seconds)."""
+
+
+def exit_with_parent(parent: int) -> None:
+    """Make this worker process exit once ``parent`` (the comparison's process) is gone.
+
+    A comparison killed with SIGKILL cannot stop its workers, and they would otherwise keep training
+    into the folder unseen; a second comparison started on the same folder would then race them. A
+    daemon thread polls the parent's pid every ``PARENT_POLL_S`` seconds (portable, unlike Linux's
+    ``PR_SET_PDEATHSIG``); the half-written trial is redone by the next run, as after any interruption.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 """How a comparison's trials run (see :class:`Comparison`)."""
 
 
@@ -201,7 +222,8 @@ class Comparison:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_trial, self.job(t, progress=False)): t for t in todo}
             pending = set(futures)
             while pending:

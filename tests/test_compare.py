@@ -4,6 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +212,37 @@ def test_offline_comparison_puts_every_wandb_run_under_one_folder(tmp_path):
     assert set(summaries) == {"constant:rate=0-s1337", "constant:rate=0.1-s1337", "cmp-table"}
     for name in ("constant:rate=0-s1337", "constant:rate=0.1-s1337"):
         assert 0 < summaries[name]["best_val_loss"] < 4.2, summaries[name]
+
+
+WORKER_OF_A_KILLED_PARENT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from experiments.comparison import exit_with_parent
+
+def pid_then_sleep():
+    return os.getpid()
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),))
+    print(pool.submit(pid_then_sleep).result(), flush=True)
+    os._exit(137)  # as kill -9 would: the pool gets no chance to stop its worker
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_exits_when_the_comparison_process_is_killed(tmp_path):
+    """A comparison killed with SIGKILL must not leave workers training into its folder."""
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER_OF_A_KILLED_PARENT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 137, res.stderr
+    worker = int(res.stdout.split()[0])
+    for _ in range(300):  # the worker polls every PARENT_POLL_S; allow a loaded machine a minute
+        if not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, 9)
+        raise AssertionError("the worker of a killed comparison was still running a minute later")
