@@ -115,7 +115,7 @@ def spec_policy(spec: str) -> str | None:
     return spec_params(spec).get("policy") if spec_name(spec) == "ppo" else None
 
 
-def parse_controllers(text: str | Sequence[str]) -> list[str]:
+def parse_controllers(text: str | Sequence[str], rows: Iterable[str] = ()) -> list[str]:
     """Expand a comma-separated list of controller specs, with sweeps, into one spec per controller.
 
     - ``linear`` or ``linear:start=0.3,end=0`` is one controller (its parameters may contain commas).
@@ -126,14 +126,16 @@ def parse_controllers(text: str | Sequence[str]) -> list[str]:
 
     A comma-separated item starts a new controller when it begins with a name (``pid``, ``val_loss:...``);
     items like ``0.2`` or ``end=0`` continue the one before. Duplicates are dropped. Specs are not built
-    here (see :func:`check_specs`). Raises ``UserError`` for an empty list or a stray value.
+    here (see :func:`check_specs`). ``rows``: further names that start an item though they are not
+    controllers (a comparison's ``pbt`` row). Raises ``UserError`` for an empty list or a stray value.
     """
+    rows = tuple(rows)
     items = [s.strip() for s in ([text] if isinstance(text, str) else text) for s in s.split(",")]
     groups: list[str] = []
     for item in filter(None, items):
         m = _NAME.match(item)
         in_sweep = bool(groups) and "@" in groups[-1]
-        if m and (not in_sweep or m.group(1) in CONTROLLERS):
+        if m and (not in_sweep or m.group(1) in CONTROLLERS or m.group(1) in rows):
             groups.append(item)
         elif groups:
             groups[-1] += "," + item

@@ -24,7 +24,7 @@ RUN_FILES = frozenset({
     # a training run
     "metrics.jsonl", "summary.json", "ckpt_last.pt", "ckpt_best.pt", "sample.txt", "wandb", "wandb_id.txt",
     # a trial of a comparison
-    "trial.json", "diverged.json",
+    "trial.json", "diverged.json", "pbt_members.json",
     # a comparison
     "comparison.json", "trials", "results.md", "results.csv", "results.json", "report.html", "figures",
     LOCK_NAME, HOLDER_NAME,

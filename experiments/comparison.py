@@ -193,16 +193,40 @@ class Comparison:
         ``bar`` (a tqdm bar) counts a population's iterations.
 
         With ``jobs > 1`` the trials run in that many spawned worker processes (each loads the data
-        itself); a worker that raises stops the comparison once the trials already running end.
+        itself); a worker that raises stops the comparison once the trials already running end. ``pbt``
+        rows run last, each as a population on Ray (:mod:`experiments.pbt`): on a local Ray instance with
+        ``jobs`` CPUs, or with ``--executor ray`` on the cluster, one member per ``cpus_per_trial``.
         """
+        from .pbt import is_pbt
+
         self.save()
         todo = self.pending()
+        pbt = [t for t in todo if is_pbt(t.spec)]
+        self._run_controllers([t for t in todo if not is_pbt(t.spec)], on_done, bar)
+        for trial in pbt:  # K members at a time on Ray: after the single runs, which would compete for the CPUs
+            summary = self._run_pbt(trial, bar)
+            if on_done:
+                on_done(trial, summary)
+        return todo
+
+    def _run_pbt(self, trial: Trial, bar: Any = None) -> dict[str, Any]:
+        from .pbt import run_pbt_trial
+
+        job = self.job(trial, progress=False)
+        if self.executor == "ray":
+            return run_pbt_trial(job, address=self.address, cpus_per_member=self.cpus_per_trial,
+                                 gpus_per_member=self.gpus_per_trial, bar=bar)
+        # local and population: a local Ray instance with --jobs CPUs, one member per CPU
+        return run_pbt_trial(job, cpus=self.jobs, bar=bar)
+
+    def _run_controllers(self, todo: list[Trial], on_done: Callable[[Trial, dict[str, Any]], None] | None,
+                         bar: Any) -> None:
         if self.executor == "ray":
             from .ray_executor import run_on_ray
 
             run_on_ray([(t, self.job(t, progress=False)) for t in todo], self.out, self.address, self.cpus_per_trial,
                        self.gpus_per_trial, self.cfg.data, on_done)
-            return todo
+            return
         if self.executor == "population":
             # trials of one comparison share every setting but seed and controller: any of them can share a model
             for start in range(0, len(todo), self.population):
@@ -211,13 +235,13 @@ class Comparison:
                 for trial, summary in zip(chunk, run_population(jobs, bar)):
                     if on_done:
                         on_done(trial, summary)
-            return todo
+            return
         if self.jobs == 1:
             for trial in todo:
                 summary = run_trial(self.job(trial, progress=self.cfg.progress))
                 if on_done:
                     on_done(trial, summary)
-            return todo
+            return
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -235,4 +259,3 @@ class Comparison:
                         raise fut.exception()
                     if on_done:
                         on_done(futures[fut], fut.result())
-        return todo

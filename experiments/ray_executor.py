@@ -29,17 +29,21 @@ MAX_RETRIES = 3
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[Any]:
     """``ray`` connected to ``address`` (``auto``, ``HOST:PORT``), or to a local instance started here (and
-    stopped at the end) when ``address`` is None or empty."""
+    stopped at the end) when ``address`` is None or empty, with ``num_cpus`` CPUs (default all)."""
     try:
         import ray
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install -e '.[ray]'") from None
     started = not ray.is_initialized()
+    if started and not address:
+        # Ray runs its workers at nice 15 by default: beside any other load (a second comparison, a
+        # build) a local instance's trials would crawl, and their times would not compare with --jobs
+        os.environ.setdefault("RAY_worker_niceness", "0")
     if started:
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+            ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with ray start --head, "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controllers import spec_name
 from dyndrop import UserError, json_safe, write_json
 
 from .comparison import Comparison
@@ -33,6 +34,7 @@ METRICS: dict[str, tuple[str, int]] = {
     "iters_to_target": ("iters to target", 0),
     "secs_to_target": ("s to target", 1),
     "total_train_time_s": ("train time (s)", 1),
+    "compute_iters": ("compute (iters)", 0),
     "train_tokens_per_s": ("train tok/s", 0),
     "inference_tokens_per_s": ("infer tok/s", 0),
 }
@@ -83,6 +85,8 @@ def aggregate(comparison: Comparison, results: list[TrialResult] | None = None) 
                "diverged": r.diverged}
         if r.summary:
             row.update({k: r.summary.get(k) for k in METRICS if k in r.summary})
+            # iterations trained for this row: a single run's, or summed over a PBT population
+            row["compute_iters"] = r.summary.get("compute_iters", r.summary.get("iterations"))
             row["iters_to_target"], row["secs_to_target"] = r.to_target(target) if math.isfinite(target) \
                 else (math.nan, math.nan)
             row.update(concurrent_trials=r.summary.get("concurrent_trials"), device_name=r.summary.get("device_name"),
@@ -121,6 +125,9 @@ def aggregate(comparison: Comparison, results: list[TrialResult] | None = None) 
         "headline": HEADLINE, "test": f"{TEST}, of the best weights' full-split val loss against the baseline",
         "concurrent_trials": concurrent_all, "device": devices,
         "trials_finished": sum(1 for t in trials if not t["diverged"]), "trials_planned": len(comparison.trials),
+        # what choosing the rate by a sweep costs: every constant rate of the comparison, per seed
+        "sweep_runs": sum(spec_name(s) == "constant" for s in comparison.specs),
+        "sweep_compute_iters": sum(spec_name(s) == "constant" for s in comparison.specs) * comparison.cfg.max_iters,
         "written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return Table(json_safe(meta), [json_safe(r) for r in rows], [json_safe(t) for t in trials])
@@ -195,6 +202,9 @@ def markdown_table(table: Table) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row_cells(row)) + " |" for row in table.rows]
     lines += ["", "Iterations and seconds to target are means over the seeds that reached it (column *reached*)."]
+    if m.get("sweep_runs"):
+        lines += [f"Compute is training iterations per seed; choosing the rate by this comparison's sweep of "
+                  f"{m['sweep_runs']} constant rates costs {m['sweep_compute_iters']} iterations per seed."]
     return "\n".join(lines) + "\n"
 
 

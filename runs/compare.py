@@ -3,6 +3,7 @@
     python -m runs.compare --preset cpu --controllers constant@0,0.1,0.2,linear,exponential,val_loss,pid --seeds 3
     python -m runs.compare --preset paper --controllers constant@0,0.1,0.2,0.3,pid --seeds 3 --jobs 2
     python -m runs.compare --preset tiny --controllers constant@0,0.1,ppo --policy policies/ppo/policy.safetensors
+    python -m runs.compare --preset cpu-overfit --controllers constant@0,0.1,0.2,0.3,0.4,pid,pbt:population=4 --jobs 2
 
 Writes ``--out``/trials/<controller>-s<seed>/ (one training run each) and ``results.{md,csv,json}``;
 rerunning the same command skips finished trials, so an interrupted comparison resumes. Then
@@ -19,6 +20,7 @@ from controllers import parse_controllers, spec_name, with_policy
 from dyndrop import UserError
 from dyndrop.folders import FolderLock
 from experiments.comparison import EXECUTORS, Comparison
+from experiments.pbt import PBT, check_ray_tune, is_pbt, pbt_settings
 from experiments.tables import aggregate, log_table_to_wandb, markdown_table, write_tables
 from experiments.trials import check_inputs
 from runs.cli import Parser, add_config_args, add_policy_arg, config_from_args, interrupt_status, run_cli
@@ -28,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.compare", description=__doc__.split("\n")[0])
     p.add_argument("--controllers", nargs="+", required=True,
                    help="comma-separated controller specs; NAME@V1,V2 sweeps the first parameter "
-                        "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...)")
+                        "(constant@0,0.1,0.2 = constant:rate=0, constant:rate=0.1, ...); pbt:population=K adds "
+                        "Population Based Training of the rate on Ray Tune (K runs of compute) as a row")
     p.add_argument("--seeds", default="3",
                    help="number of seeds (--seed, --seed+1, ...; at most 100) or a comma-separated list of seeds "
                         "(one seed: --seeds 1337,)")
@@ -83,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is None:
         args.checkpoint = False  # trials restart from scratch when interrupted; checkpoints only cost time
     cfg = config_from_args(args, args.preset)
-    specs = parse_controllers(args.controllers)
+    specs = parse_controllers(args.controllers, rows=(PBT,))
     if args.policy is not None and not any(spec_name(s) == "ppo" for s in specs):
         raise UserError("--policy is only used with the ppo controller, which is not in --controllers")
     specs = [with_policy(s, args.policy) for s in specs]
-    check_inputs(cfg, specs)  # every controller and the data, before any folder is written
+    check_inputs(cfg, [s for s in specs if not is_pbt(s)])  # every controller and the data, before any folder is written
+    if any(is_pbt(s) for s in specs):
+        for spec in filter(is_pbt, specs):
+            pbt_settings(spec)
+        check_ray_tune()
     comparison = Comparison(cfg=cfg, specs=specs, seeds=parse_seeds(args.seeds, cfg.seed),
                             out=Path(args.out or f"results/{cfg.preset}"), name=args.name,
                             executor=args.executor, jobs=args.jobs, population=args.population, address=args.address,
@@ -124,9 +131,12 @@ def run_comparison(comparison: Comparison, progress: bool) -> int:
         bar.update(1)
 
     steps = None
-    if comparison.executor == "population":  # a second bar: the population's iterations
-        steps = tqdm(total=comparison.cfg.max_iters * -(-len(pending) // comparison.population), desc="iterations",
-                     unit="it", dynamic_ncols=True, disable=not progress)
+    populations = [t for t in pending if is_pbt(t.spec)]
+    iters = sum(pbt_settings(t.spec).population for t in populations) * comparison.cfg.max_iters
+    if comparison.executor == "population":
+        iters += comparison.cfg.max_iters * -(-(len(pending) - len(populations)) // comparison.population)
+    if iters:  # a second bar: the iterations of populations (batched, or PBT's)
+        steps = tqdm(total=iters, desc="iterations", unit="it", dynamic_ncols=True, disable=not progress)
     try:
         comparison.run(on_done, bar=steps)
     except KeyboardInterrupt as e:

@@ -1,0 +1,302 @@
+"""Population Based Training of the dropout rate: a comparison row (``pbt:population=K``) that spends K runs.
+
+PBT (Jaderberg et al., 2017) trains K members at once, here through Ray Tune's ``PopulationBasedTraining``.
+Every member is the project's own :class:`gpt.trainer.Trainer` at one constant rate. After every control
+interval each member evaluates on the fixed validation batches and reports; the scheduler (synchronous:
+it waits for the whole population) makes the bottom ``quantile`` of members copy a top member's checkpoint
+(model, optimizer, sampler, RNG states, history, the best weights so far) and perturb its rate (×1.2 or
+×0.8, or, with probability ``resample``, a fresh draw from [0, ``max_rate``]). The members start at rates
+spread evenly over that range (the midpoints of K equal bins), so none starts at 0.
+
+The row is the member with the lowest best fixed-batch validation loss at the end (the signal PBT itself
+selects by); its **lineage** is written as a trial folder like any other: ``metrics.jsonl`` holds the
+records of every member it descends from, so its ``dropout/rate`` series is the schedule PBT found, and
+``summary.json`` scores its best weights on the whole validation split (``best_val_loss_full``) and adds
+``compute_iters``, the training iterations summed over all members (K × ``max_iters``). ``pbt_members.json``
+holds every member's rate schedule and the members it copied (``pbt/member`` changes where it exploited).
+
+Members run as Ray Tune trials: on a local Ray instance started here (``cpus`` CPUs: members at a time),
+or on the cluster at ``address``. Checkpoints pass through a temporary folder on the driver, so on a
+multi-node cluster that folder must be reachable from every node (Ray Tune's ``storage_path`` rule).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from controllers import make_controller, spec_name
+from controllers.specs import spec_params
+from dyndrop import UserError, read_json, write_json
+from dyndrop.folders import clear_run_folder
+from gpt.config import TrainConfig
+
+from .trials import TrialJob, policy_digest
+
+PBT = "pbt"
+"""The spec name of the PBT row: ``pbt`` or ``pbt:population=K,max_rate=R,quantile=Q,resample=P``."""
+
+
+def is_pbt(spec: str) -> bool:
+    """Whether ``spec`` names the PBT row rather than a controller."""
+    return spec_name(spec) == PBT
+
+
+@dataclass(frozen=True)
+class PBTSettings:
+    """What a ``pbt:...`` spec sets.
+
+    :param population: members trained at once (K >= 2); the row costs K runs of compute.
+    :param max_rate: rates are explored in [0, max_rate], max_rate in (0, 1).
+    :param quantile: the fraction of members (bottom) that copy one of the top fraction, in (0, 0.5].
+    :param resample: probability that an exploiting member draws a fresh rate instead of perturbing, [0, 1].
+    """
+
+    population: int = 4
+    max_rate: float = 0.4
+    quantile: float = 0.25
+    resample: float = 0.25
+
+    def initial_rates(self) -> list[float]:
+        """The members' starting rates: the midpoints of ``population`` equal bins of [0, max_rate]."""
+        return [round(self.max_rate * (i + 0.5) / self.population, 6) for i in range(self.population)]
+
+
+def pbt_settings(spec: str) -> PBTSettings:
+    """Parse a ``pbt`` spec. Raises ``UserError`` naming the bad parameter."""
+    kinds = {f.name: f.type for f in dataclasses.fields(PBTSettings)}
+    values: dict[str, Any] = {}
+    for key, text in spec_params(spec).items():
+        if key not in kinds:
+            raise UserError(f"pbt: bad parameter {key!r}; expected one of: {', '.join(kinds)}")
+        try:
+            values[key] = int(text) if kinds[key] in (int, "int") else float(text)
+        except ValueError:
+            raise UserError(f"pbt: parameter {key}={text!r} is not a valid {kinds[key]}") from None
+    s = PBTSettings(**values)
+    if not 2 <= s.population <= 64:
+        raise UserError(f"pbt: population must be 2 to 64 members, got {s.population}")
+    if not 0 < s.max_rate < 1:
+        raise UserError(f"pbt: max_rate must be in (0, 1), got {s.max_rate}")
+    if not 0 < s.quantile <= 0.5:
+        raise UserError(f"pbt: quantile must be in (0, 0.5], got {s.quantile}")
+    if not 0 <= s.resample <= 1:
+        raise UserError(f"pbt: resample must be in [0, 1], got {s.resample}")
+    return s
+
+
+def check_ray_tune() -> None:
+    """Raise ``UserError`` if Ray Tune is not installed."""
+    try:
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise UserError("the pbt row needs Ray Tune: pip install -e '.[ray]'") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# One member (runs in a Ray worker)
+
+
+class Lineage:
+    """The records of a member and of every member it descends from (what ``metrics.jsonl`` will hold)."""
+
+    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
+        self.records = records or []
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(dict(record))
+
+
+def eval_record(trainer: Any, result: dict[str, float]) -> dict[str, Any]:
+    """The metrics record of an evaluation, as a single run writes it."""
+    return {"iter": trainer.iteration, "train/eval_loss": result["train_loss"], "val/loss": result["val_loss"],
+            "val/gap": result["val_loss"] - result["train_loss"], "val/best_loss": trainer.history.best_val_loss,
+            "perf/tokens_per_s": trainer.history.tokens_per_s}
+
+
+@dataclass
+class MemberJob:
+    """What every member needs (plain, picklable values)."""
+
+    cfg: TrainConfig
+    threads: int | None
+
+
+def member(config: dict[str, Any], job: MemberJob) -> None:
+    """Train one member from its checkpoint (or from scratch) to ``max_iters``, reporting after every
+    control interval. ``config["rate"]`` is its current dropout rate."""
+    import torch
+    from ray import tune
+
+    from gpt.data import shared_data
+    from gpt.trainer import Diverged, Trainer, resolve_device
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    cfg = job.cfg
+    rate = float(config["rate"])
+    me = tune.get_context().get_trial_id()
+    lineage = Lineage()
+    trainer = Trainer(cfg, make_controller(f"constant:rate={rate}"), data=shared_data(cfg.data, resolve_device(cfg.device)),
+                      logger=lineage)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        lineage.log(eval_record(trainer, trainer.evaluate()))
+    else:  # this member's own checkpoint after a restart, or a better member's after an exploit
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True),
+                                    source="a PBT member's checkpoint")
+            best = Path(d) / "best.pt"
+            if best.is_file():
+                trainer.best_weights = {k: v.to(trainer.device)
+                                        for k, v in torch.load(best, map_location="cpu", weights_only=True).items()}
+            lineage.records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+    while trainer.iteration < cfg.max_iters:
+        trainer.set_dropout(rate)
+        lineage.log({"iter": trainer.iteration, "dropout/rate": rate, "pbt/member": me})
+        n = min(cfg.control_interval, cfg.max_iters - trainer.iteration)
+        try:
+            trainer.advance(n)
+            result = trainer.evaluate()
+        except Diverged:  # the member is out; the others go on
+            tune.report({"val_loss": math.inf, "best_val_loss": trainer.history.best_val_loss,
+                         "iteration": trainer.iteration, "step_iters": n, "rate": rate, "diverged": True})
+            return
+        lineage.log(eval_record(trainer, result))
+        with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-ckpt-") as d:
+            torch.save(trainer.state_dict(), Path(d) / "trainer.pt")
+            if trainer.best_weights is not None:
+                torch.save({k: v.cpu() for k, v in trainer.best_weights.items()}, Path(d) / "best.pt")
+            write_json(Path(d) / "lineage.json", lineage.records)
+            tune.report({"val_loss": result["val_loss"], "best_val_loss": trainer.history.best_val_loss,
+                         "iteration": trainer.iteration, "step_iters": n, "rate": rate, "diverged": False},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, cpus_per_member: float = 1.0,
+                  gpus_per_member: float | None = None, bar: Any = None) -> dict[str, Any]:
+    """Run the PBT row ``job.spec`` for ``job.cfg.seed`` and write its trial folder (``job.cfg.out``).
+    Returns its summary.
+
+    :param address: a Ray cluster (``auto``, ``HOST:PORT``); None = a local instance with ``cpus`` CPUs.
+    :param cpus_per_member: CPUs each member holds (members at a time = CPUs / this).
+    :param gpus_per_member: GPUs each member holds; default 1/``cpus`` on a CUDA run, else 0.
+    :param bar: a tqdm bar counting the population's iterations (``population × max_iters`` in all).
+    """
+    import torch
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from gpt.data import resolve_dataset, shared_data
+    from gpt.tracking import RunLogger
+    from gpt.trainer import Trainer, resolve_device
+
+    from .ray_executor import ray_session
+
+    settings = pbt_settings(job.spec)
+    cfg = job.cfg
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    if gpus_per_member is None:
+        gpus_per_member = 1 / max(1, cpus) if device.type == "cuda" else 0.0
+    clear_run_folder(out)  # an interrupted attempt starts again from scratch
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "trial.json", {"config": asdict(cfg), "controller": job.spec, "policy_sha256": policy_digest(job.spec)})
+    storage = Path(tempfile.mkdtemp(prefix="dyndrop-pbt-"))
+    member_cfg = dataclasses.replace(cfg, out=str(storage / "member"), checkpoint=False, progress=False,
+                                     wandb="disabled", gen_tokens=0, data=str(resolve_dataset(cfg.data)))
+
+    class Progress(tune.Callback):
+        """Counts the iterations every member trains (the row's compute) and moves the bar."""
+
+        def __init__(self) -> None:
+            self.iters = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.iters += int(result.get("step_iters", 0))
+            if bar is not None:
+                bar.update(int(result.get("step_iters", 0)))
+
+    def clip(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "rate": min(max(float(config["rate"]), 0.0), settings.max_rate)}
+
+    progress = Progress()
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=1, synch=True,
+        hyperparam_mutations={"rate": tune.uniform(0.0, settings.max_rate)}, custom_explore_fn=clip,
+        quantile_fraction=settings.quantile, resample_probability=settings.resample, log_config=False)
+    trainable = tune.with_resources(tune.with_parameters(member, job=MemberJob(member_cfg, job.threads)),
+                                    {"cpu": cpus_per_member, "gpu": gpus_per_member})
+    tuner = tune.Tuner(
+        trainable, param_space={"rate": tune.grid_search(settings.initial_rates())},
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
+        # stopped at its last report, so the scheduler does not make a finished member copy another
+        run_config=tune.RunConfig(name="pbt", storage_path=str(storage), verbose=0, callbacks=[progress],
+                                  stop={"iteration": cfg.max_iters},
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                  failure_config=tune.FailureConfig(max_failures=3)))
+    t0 = time.perf_counter()
+    state = random.getstate()
+    random.seed(cfg.seed)  # PBT draws its exploit partners and perturbations from Python's random
+    try:
+        with ray_session(address, num_cpus=None if address else cpus):
+            grid = tuner.fit()
+        wall = time.perf_counter() - t0
+        if grid.errors:
+            raise RuntimeError(f"PBT members failed: {grid.errors[0]}")
+        finals = [r for r in grid if r.checkpoint is not None]
+        if not finals:
+            raise RuntimeError("no PBT member reported a checkpoint (did every member diverge?)")
+        members = []
+        for r in finals:
+            with r.checkpoint.as_directory() as d:
+                records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+            members.append({"trial_id": r.metrics.get("trial_id"), "best_val_loss": r.metrics["best_val_loss"],
+                            "schedule": [{k: rec[k] for k in ("iter", "dropout/rate", "pbt/member")}
+                                         for rec in records if "dropout/rate" in rec]})
+        best = min(finals, key=lambda r: r.metrics["best_val_loss"])
+
+        # the winner's lineage becomes the trial folder, scored as a single run is
+        trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, device))
+        with best.checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True),
+                                    source="the best PBT member's checkpoint")
+            if (Path(d) / "best.pt").is_file():
+                trainer.best_weights = {k: v.to(trainer.device) for k, v in
+                                        torch.load(Path(d) / "best.pt", map_location="cpu", weights_only=True).items()}
+            records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+    finally:
+        random.setstate(state)
+        shutil.rmtree(storage, ignore_errors=True)
+    trainer.history.wall_time_s = wall
+    trainer.score_best_on_full_val()
+    if cfg.gen_tokens:
+        trainer.inference = trainer.measure_inference()
+    summary = trainer.summary()
+    rates = [rec["dropout/rate"] for rec in records if "dropout/rate" in rec]
+    members_of = [rec["pbt/member"] for rec in records if "pbt/member" in rec]
+    summary.update(controller=PBT, controller_params=asdict(settings), compute_iters=progress.iters,
+                   population=settings.population, exploits=sum(a != b for a, b in zip(members_of, members_of[1:])),
+                   final_rates=[rates[-1]] * cfg.n_layer if rates else summary["final_rates"],
+                   controller_spec=job.spec, comparison=job.comparison, concurrent_trials=job.concurrent,
+                   torch_threads=job.threads, executor="ray-tune-pbt")
+    write_json(out / "pbt_members.json", members)
+    logger = RunLogger(out, mode=cfg.wandb, project=cfg.wandb_project, group=job.group, name=job.name,
+                       config={**asdict(cfg), "controller": PBT, "controller_spec": job.spec,
+                               **{f"controller.{k}": v for k, v in asdict(settings).items()},
+                               "comparison": job.comparison}, wandb_dir=job.wandb_dir)
+    for rec in records:
+        logger.log(rec)
+    (out / "sample.txt").write_text(trainer.inference.text if trainer.inference else "")
+    logger.finish(summary)
+    return summary

@@ -1,0 +1,84 @@
+"""The ``pbt`` row: Population Based Training of the rate on Ray Tune, written as a comparison's trial."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from controllers import parse_controllers
+from dyndrop import UserError
+from experiments.pbt import PBT, PBTSettings, pbt_settings
+
+
+def test_pbt_starts_its_own_item_in_a_controller_list_and_bad_settings_are_user_errors():
+    assert parse_controllers("constant@0,0.1,pbt:population=2,quantile=0.5", rows=(PBT,)) == [
+        "constant:rate=0", "constant:rate=0.1", "pbt:population=2,quantile=0.5"]
+    assert pbt_settings("pbt") == PBTSettings()
+    assert pbt_settings("pbt:population=8,max_rate=0.5").population == 8
+    for bad in ("pbt:population=1", "pbt:population=x", "pbt:max_rate=1", "pbt:quantile=0.9", "pbt:resample=2",
+                "pbt:size=3"):
+        with pytest.raises(UserError):
+            pbt_settings(bad)
+    assert all(0 < r < 0.4 for r in PBTSettings().initial_rates())  # spread over the range, none at 0
+
+
+def test_bad_pbt_options_are_one_line_errors(tmp_path, capsys):
+    from runs.pbt import cli
+
+    assert cli(["--population", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "population" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_pbt_row_writes_a_trial_whose_rate_changes_where_members_exploit(tmp_path):
+    pytest.importorskip("ray.tune")
+    import ray
+
+    from runs.compare import cli
+
+    out = tmp_path / "cmp"
+    spec = "pbt:population=2,quantile=0.5,resample=0,max_rate=0.9"
+    assert cli(["--preset", "tiny", "--max-iters", "40", "--eval-interval", "10", "--eval-iters", "2",
+                "--gen-tokens", "0", "--threads", "1", "--no-progress", "--wandb", "disabled", "--no-warm-up",
+                "--controllers", f"constant@0,0.2,{spec}", "--seeds", "1,", "--jobs", "2", "--out", str(out)]) == 0
+    assert not ray.is_initialized()
+    folder = next(p for p in (out / "trials").iterdir() if p.name.startswith("pbt"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert math.isfinite(summary["best_val_loss_full"]) and summary["compute_iters"] == 2 * 40
+    assert json.loads((folder / "trial.json").read_text())["controller"] == spec
+
+    # every member's schedule: where it copied another member, its rate is the donor's perturbed ×1.2 or ×0.8
+    members = json.loads((folder / "pbt_members.json").read_text())
+    assert len(members) == 2
+    exploits = changed = 0
+    for member in members:
+        steps = member["schedule"]
+        assert [s["iter"] for s in steps] == [0, 10, 20, 30]
+        for before, after in zip(steps, steps[1:]):
+            if before["pbt/member"] != after["pbt/member"]:
+                exploits += 1
+                assert any(math.isclose(after["dropout/rate"], min(before["dropout/rate"] * f, 0.9))
+                           for f in (1.2, 0.8)), (before, after)
+                changed += after["dropout/rate"] != before["dropout/rate"]
+    assert exploits >= 3 and changed >= 1  # with 2 members and quantile 0.5 the worse one copies at every step
+
+    # the trial's metrics are the winner's lineage, and the table shows PBT's compute beside the sweep's
+    rates = [r["dropout/rate"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+             if "dropout/rate" in r]
+    assert rates in [[s["dropout/rate"] for s in m["schedule"]] for m in members]
+    table = json.loads((out / "results.json").read_text())
+    row = next(r for r in table["rows"] if r["controller"] == spec)
+    assert row["compute_iters"] == 80 and table["meta"]["sweep_compute_iters"] == 2 * 40
+    assert "compute (iters)" in (out / "results.md").read_text()
+
+
+def test_a_pbt_trial_folder_can_be_cleared_for_a_rerun(tmp_path):
+    from dyndrop.folders import clear_run_folder
+
+    for name in ("trial.json", "metrics.jsonl", "pbt_members.json"):
+        (tmp_path / name).write_text("{}")
+    clear_run_folder(tmp_path)  # refuses folders holding files it does not know
+    assert not any(tmp_path.iterdir())
