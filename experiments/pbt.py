@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -245,6 +246,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
                                   stop={"iteration": cfg.max_iters},
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   failure_config=tune.FailureConfig(max_failures=3)))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables from Tune, the bar is ours
     t0 = time.perf_counter()
     state = random.getstate()
     random.seed(cfg.seed)  # PBT draws its exploit partners and perturbations from Python's random
