@@ -247,6 +247,8 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   failure_config=tune.FailureConfig(max_failures=3)))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables from Tune, the bar is ours
+    # Ctrl-C raises here as everywhere else, rather than Tune stopping and returning a partial population
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     t0 = time.perf_counter()
     state = random.getstate()
     random.seed(cfg.seed)  # PBT draws its exploit partners and perturbations from Python's random
@@ -256,9 +258,10 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
         wall = time.perf_counter() - t0
         if grid.errors:
             raise RuntimeError(f"PBT members failed: {grid.errors[0]}")
-        finals = [r for r in grid if r.checkpoint is not None]
-        if not finals:
-            raise RuntimeError("no PBT member reported a checkpoint (did every member diverge?)")
+        finals = [r for r in grid if r.checkpoint is not None and not r.metrics.get("diverged")]
+        if not finals:  # recorded as a single run's divergence is, so the table counts it
+            write_json(out / "diverged.json", {"error": "every PBT member diverged", "iteration": None})
+            return {"diverged": "every PBT member diverged"}
         members = []
         for r in finals:
             with r.checkpoint.as_directory() as d:
@@ -267,6 +270,8 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
                             "schedule": [{k: rec[k] for k in ("iter", "dropout/rate", "pbt/member")}
                                          for rec in records if "dropout/rate" in rec]})
         best = min(finals, key=lambda r: r.metrics["best_val_loss"])
+        if best.metrics["iteration"] < cfg.max_iters:
+            raise RuntimeError(f"PBT stopped at iteration {best.metrics['iteration']} of {cfg.max_iters}")
 
         # the winner's lineage becomes the trial folder, scored as a single run is
         trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, device))
