@@ -121,6 +121,23 @@ def eval_record(trainer: Any, result: dict[str, float]) -> dict[str, Any]:
             "perf/tokens_per_s": trainer.history.tokens_per_s}
 
 
+STATE, BEST, LINEAGE = "trainer.pt", "best.pt", "lineage.json"
+"""A member's checkpoint folder: the trainer's state_dict, its best weights so far, its lineage's records."""
+
+
+def restore_member(trainer: Any, checkpoint: Any, source: str) -> list[dict[str, Any]]:
+    """Load a member's checkpoint (a Ray Tune ``Checkpoint``) into ``trainer``, best weights included;
+    returns the lineage's records."""
+    import torch
+
+    with checkpoint.as_directory() as d:
+        trainer.load_state_dict(torch.load(Path(d) / STATE, map_location="cpu", weights_only=True), source=source)
+        if (Path(d) / BEST).is_file():
+            best = torch.load(Path(d) / BEST, map_location="cpu", weights_only=True)
+            trainer.best_weights = {k: v.to(trainer.device) for k, v in best.items()}
+        return read_json(Path(d) / LINEAGE, "PBT lineage", kind=list)
+
+
 @dataclass
 class MemberJob:
     """What every member needs (plain, picklable values)."""
@@ -150,14 +167,7 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     if checkpoint is None:
         lineage.log(eval_record(trainer, trainer.evaluate()))
     else:  # this member's own checkpoint after a restart, or a better member's after an exploit
-        with checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True),
-                                    source="a PBT member's checkpoint")
-            best = Path(d) / "best.pt"
-            if best.is_file():
-                trainer.best_weights = {k: v.to(trainer.device)
-                                        for k, v in torch.load(best, map_location="cpu", weights_only=True).items()}
-            lineage.records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+        lineage.records = restore_member(trainer, checkpoint, "a PBT member's checkpoint")
     while trainer.iteration < cfg.max_iters:
         trainer.set_dropout(rate)
         lineage.log({"iter": trainer.iteration, "dropout/rate": rate, "pbt/member": me})
@@ -171,10 +181,10 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
             return
         lineage.log(eval_record(trainer, result))
         with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-ckpt-") as d:
-            torch.save(trainer.state_dict(), Path(d) / "trainer.pt")
+            torch.save(trainer.state_dict(), Path(d) / STATE)
             if trainer.best_weights is not None:
-                torch.save({k: v.cpu() for k, v in trainer.best_weights.items()}, Path(d) / "best.pt")
-            write_json(Path(d) / "lineage.json", lineage.records)
+                torch.save({k: v.cpu() for k, v in trainer.best_weights.items()}, Path(d) / BEST)
+            write_json(Path(d) / LINEAGE, lineage.records)
             tune.report({"val_loss": result["val_loss"], "best_val_loss": trainer.history.best_val_loss,
                          "iteration": trainer.iteration, "step_iters": n, "rate": rate, "diverged": False},
                         checkpoint=tune.Checkpoint.from_directory(d))
@@ -194,7 +204,6 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
     :param gpus_per_member: GPUs each member holds; default 1/``cpus`` on a CUDA run, else 0.
     :param bar: a tqdm bar counting the population's iterations (``population × max_iters`` in all).
     """
-    import torch
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
@@ -265,7 +274,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
         members = []
         for r in finals:
             with r.checkpoint.as_directory() as d:
-                records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+                records = read_json(Path(d) / LINEAGE, "PBT lineage", kind=list)
             members.append({"trial_id": r.metrics.get("trial_id"), "best_val_loss": r.metrics["best_val_loss"],
                             "schedule": [{k: rec[k] for k in ("iter", "dropout/rate", "pbt/member")}
                                          for rec in records if "dropout/rate" in rec]})
@@ -275,13 +284,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
 
         # the winner's lineage becomes the trial folder, scored as a single run is
         trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, device))
-        with best.checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True),
-                                    source="the best PBT member's checkpoint")
-            if (Path(d) / "best.pt").is_file():
-                trainer.best_weights = {k: v.to(trainer.device) for k, v in
-                                        torch.load(Path(d) / "best.pt", map_location="cpu", weights_only=True).items()}
-            records = read_json(Path(d) / "lineage.json", "PBT lineage", kind=list)
+        records = restore_member(trainer, best.checkpoint, "the best PBT member's checkpoint")
     finally:
         random.setstate(state)
         shutil.rmtree(storage, ignore_errors=True)

@@ -115,6 +115,7 @@ def aggregate(comparison: Comparison, results: list[TrialResult] | None = None) 
                     "p_value": test["p"], "pairs": test["n"]})
         rows.append(row)
 
+    sweep_runs = sum(spec_name(s) == "constant" for s in comparison.specs)
     devices = sorted({t["device_name"] for t in trials if t.get("device_name")})
     concurrent_all = sorted({t["concurrent_trials"] for t in trials if t.get("concurrent_trials")})
     meta = {
@@ -126,8 +127,7 @@ def aggregate(comparison: Comparison, results: list[TrialResult] | None = None) 
         "concurrent_trials": concurrent_all, "device": devices,
         "trials_finished": sum(1 for t in trials if not t["diverged"]), "trials_planned": len(comparison.trials),
         # what choosing the rate by a sweep costs: every constant rate of the comparison, per seed
-        "sweep_runs": sum(spec_name(s) == "constant" for s in comparison.specs),
-        "sweep_compute_iters": sum(spec_name(s) == "constant" for s in comparison.specs) * comparison.cfg.max_iters,
+        "sweep_runs": sweep_runs, "sweep_compute_iters": sweep_runs * comparison.cfg.max_iters,
         "written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return Table(json_safe(meta), [json_safe(r) for r in rows], [json_safe(t) for t in trials])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out or f"out/{cfg.preset}-pbt-s{cfg.seed}")
     cfg = dataclasses.replace(cfg, out=str(out))
     check_inputs(cfg, [])
-    import os
-
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     job = TrialJob(cfg=cfg, spec=spec, name=out.name, group=cfg.wandb_group or cfg.preset, comparison="",
                    concurrent=args.jobs, threads=threads)
