@@ -30,17 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.pbt", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default=None, help="paper, cpu, cpu-overfit, tiny, or auto (paper on CUDA, else cpu)")
     p.add_argument("--population", type=int, default=DEFAULTS.population, help="members trained at once (2 to 64)")
-    p.add_argument("--max-rate", type=float, default=DEFAULTS.max_rate, help="rates explored in [0, this]")
+    p.add_argument("--max-rate", type=float, default=DEFAULTS.max_rate, help="rates are explored in [0, this]; in (0, 1)")
     p.add_argument("--quantile", type=float, default=DEFAULTS.quantile,
                    help="fraction of members that copy a better one at every control interval, (0, 0.5]")
     p.add_argument("--resample", type=float, default=DEFAULTS.resample,
-                   help="probability that a copying member draws a fresh rate instead of perturbing its donor's")
+                   help="probability that a copying member draws a fresh rate instead of perturbing its donor's, [0, 1]")
     p.add_argument("--jobs", type=int, default=1, help="members trained at the same time on a local Ray instance")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per member; default all cores / --jobs")
     p.add_argument("--address", default=None, help="a Ray cluster (auto or HOST:PORT); default a local instance")
-    p.add_argument("--cpus-per-member", type=float, default=1.0, help="with --address: CPUs each member holds")
+    p.add_argument("--cpus-per-member", type=float, default=1.0, help="with --address: CPUs each member holds, > 0")
     p.add_argument("--gpus-per-member", type=float, default=None,
-                   help="GPUs each member holds (fractions share one); default 1/--jobs on CUDA, else 0")
+                   help="GPUs each member holds, >= 0 (fractions share one); default 1/--jobs on CUDA, else 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     add_config_args(p)
     return p.parse_args(argv)
@@ -52,9 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.cpus_per_member <= 0:
+        raise UserError(f"--cpus-per-member must be > 0, got {args.cpus_per_member}")
+    if args.gpus_per_member is not None and args.gpus_per_member < 0:
+        raise UserError(f"--gpus-per-member must be >= 0, got {args.gpus_per_member}")
     spec = (f"pbt:population={args.population},max_rate={args.max_rate},quantile={args.quantile},"
             f"resample={args.resample}")
-    pbt_settings(spec)
+    try:
+        pbt_settings(spec)
+    except UserError as e:  # name the option, not the spec's key: "pbt: max_rate must..." -> "--max-rate must..."
+        key, _, rest = str(e).removeprefix("pbt: ").partition(" ")
+        raise UserError(f"--{key.replace('_', '-')} {rest}") from None
     check_ray_tune()
     cfg = config_from_args(args, args.preset)
     out = Path(cfg.out or f"out/{cfg.preset}-pbt-s{cfg.seed}")

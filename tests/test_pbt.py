@@ -23,12 +23,14 @@ def test_pbt_starts_its_own_item_in_a_controller_list_and_bad_settings_are_user_
     assert all(0 < r < 0.4 for r in PBTSettings().initial_rates())  # spread over the range, none at 0
 
 
-def test_bad_pbt_options_are_one_line_errors(tmp_path, capsys):
+@pytest.mark.parametrize("option,value", [("--population", "1"), ("--max-rate", "1.5"), ("--quantile", "0.9"),
+                                          ("--resample", "2"), ("--cpus-per-member", "0"), ("--jobs", "0")])
+def test_bad_pbt_options_are_one_line_errors_naming_the_option(tmp_path, capsys, option, value):
     from runs.pbt import cli
 
-    assert cli(["--population", "1", "--out", str(tmp_path / "x")]) == 2
+    assert cli([option, value, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "population" in err
+    assert len(err.splitlines()) == 1 and option in err
     assert not (tmp_path / "x").exists()
 
 
