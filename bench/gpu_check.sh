@@ -14,6 +14,7 @@
 #
 # Knobs (environment): PRESET (paper), BUDGET_S (whole script, default 480), BENCH_ARGS, TRAIN_ARGS (extra
 # arguments), MODE (the torch.compile mode of the full run and the variants, default reduce-overhead),
+# ROWS (controllers trained beside the constant-0.2 run, see step 2), TRAIN_CAP (seconds per run, 200),
 # PYTHON (python3), SCRATCH. A failing or hanging step is cut off by `timeout` and the next one still runs.
 # The CPU test of this script: PRESET=tiny with small BENCH_ARGS/TRAIN_ARGS (see the README).
 set -u -o pipefail  # no -e: one failing step must not stop the later ones
@@ -26,6 +27,8 @@ BUDGET_S="${BUDGET_S:-480}"
 BENCH_ARGS="${BENCH_ARGS:---iters 500 --ref-iters 250 --eval-passes 3 --ref-eval-passes 1}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 MODE="${MODE:-reduce-overhead}"
+ROWS="${ROWS:-}"
+TRAIN_CAP="${TRAIN_CAP:-200}"
 SCRATCH="${SCRATCH:-$(mktemp -d)}"
 RUN="${PRESET}_const02"
 START=$(date +%s)
@@ -103,12 +106,18 @@ step bench 200 env TORCH_LOGS=perf_hints "$PY" -m runs.bench --preset "$PRESET" 
 
 # 2. the full run of the protocol under compile mode MODE, checkpoints on as in any run (nanoGPT's
 # train.py: best val ~1.47 in ~174 s on an H100); does it converge as the default mode did (1.4714)?
+# Each controller in ROWS (e.g. "pid val_loss") is trained at the same time on the same GPU, same seed, so the
+# losses compare but the times are shared-GPU times; each adds train_<preset>_<row>.log, <preset>_<row>_*.
 MODE_FLAG="--compile-mode $MODE"; [ -n "$COMPILE_FLAG" ] && MODE_FLAG="$COMPILE_FLAG"
-step train 200 "$PY" -m runs.train --controller constant:rate=0.2 --preset "$PRESET" --wandb disabled --no-progress \
-  --out "$SCRATCH/$RUN" --overwrite $MODE_FLAG $TRAIN_ARGS 2>&1 | tee "$OUT/train_$RUN.log"
-for f in summary.json metrics.jsonl; do
-  cp "$SCRATCH/$RUN/$f" "$OUT/${RUN}_$f" || echo "no $f from the run" >> "$STEPS"
-done
+train_row() { local ctl=$1 name=$2
+  step "train-$name" "$TRAIN_CAP" "$PY" -m runs.train --controller "$ctl" --preset "$PRESET" --wandb disabled --no-progress \
+    --out "$SCRATCH/$name" --overwrite $MODE_FLAG $TRAIN_ARGS > "$OUT/train_$name.log" 2>&1
+  for f in summary.json metrics.jsonl; do
+    cp "$SCRATCH/$name/$f" "$OUT/${name}_$f" || echo "no $f from the run $name" >> "$STEPS"
+  done; }
+for ROW in $ROWS; do train_row "$ROW" "${PRESET}_${ROW//[^A-Za-z0-9]/_}" & done
+train_row constant:rate=0.2 "$RUN"; wait
+tail -n 5 "$OUT"/train_*.log
 
 # 3. ours under MODE with written-out, then fused attention dropout (the reference kept short, no
 # sampling), each only if 60 s of the budget are left
@@ -126,10 +135,11 @@ set +x
 cat "$STEPS" >> "$ENV_TXT"
 echo "=== done in $(( $(date +%s) - START ))s; results in $OUT:"; ls -la "$OUT"
 cat "$STEPS"
-[ -f "$OUT/${RUN}_summary.json" ] && "$PY" -c "
+"$PY" -c "
 import json, sys
-s = json.load(open(sys.argv[1]))
-keys = ('best_val_loss', 'best_val_iter', 'total_train_time_s', 'train_loop_time_s', 'eval_time_s',
-        'train_tokens_per_s', 'inference_tokens_per_s', 'recompiles', 'device_name', 'torch')
-print({k: s.get(k) for k in keys})" "$OUT/${RUN}_summary.json"
+keys = ('best_val_loss', 'best_val_loss_full', 'best_val_iter', 'total_train_time_s', 'train_loop_time_s',
+        'eval_time_s', 'train_tokens_per_s', 'recompiles', 'device_name', 'torch')
+for path in sys.argv[1:]:
+    s = json.load(open(path))
+    print(path.rsplit('/', 1)[-1], {k: s.get(k) for k in keys})" "$OUT"/*_summary.json
 exit 0
