@@ -324,7 +324,11 @@ class GPT(nn.Module):
             if use_kv_cache and caches is not None and filled < cfg.block_size:
                 if compile:
                     torch.compiler.cudagraph_mark_step_begin()
-                nxt = step(nxt.view(B, 1), pos, caches, noise[t], temperature, top_k)
+                # cloned: under CUDA graphs a step's result lives in the graph's memory, and feeding it back
+                # into the next step raises "accessing tensor output of CUDAGraphs that has been overwritten"
+                # (torch 2.11 on an H200; pytorch#152887). A slice of `out` would do too, but its stride
+                # changes with the call's length and would cost a graph per length.
+                nxt = step(nxt.view(B, 1), pos, caches, noise[t], temperature, top_k).clone()
                 pos += 1
                 filled += 1
             else:
