@@ -106,7 +106,12 @@ def run_on_ray(jobs: list[tuple[Trial, TrialJob]], out: Path, address: str | Non
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
                 trial = refs.pop(done[0])
-                result = ray.get(done[0])
+                try:
+                    result = ray.get(done[0])
+                except (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError) as e:
+                    raise UserError(f"trial {trial.folder_name}: lost with its node or worker ({type(e).__name__}), "
+                                    f"also in {MAX_RETRIES} reruns; the finished trials are kept, rerun the command "
+                                    "to run the rest") from None
                 write_files(out, result["files"])
                 if on_done:
                     on_done(trial, {**result["summary"], "ray_node": result["node"]})
