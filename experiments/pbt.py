@@ -6,7 +6,9 @@ interval each member evaluates on the fixed validation batches and reports; the 
 it waits for the whole population) makes the bottom ``quantile`` of members copy a top member's checkpoint
 (model, optimizer, sampler, RNG states, history, the best weights so far) and perturb its rate (×1.2 or
 ×0.8, or, with probability ``resample``, a fresh draw from [0, ``max_rate``]). The members start at rates
-spread evenly over that range (the midpoints of K equal bins), so none starts at 0.
+spread evenly over that range (the midpoints of K equal bins), so none starts at 0. With ``per_layer=1`` each
+layer's rate is a hyperparameter of its own, perturbed independently (a member starts with every layer at
+its starting rate).
 
 The row is the member with the lowest best fixed-batch validation loss at the end (the signal PBT itself
 selects by); its **lineage** is written as a trial folder like any other: ``metrics.jsonl`` holds the
@@ -57,12 +59,18 @@ class PBTSettings:
     :param max_rate: rates are explored in [0, max_rate], max_rate in (0, 1).
     :param quantile: the fraction of members (bottom) that copy one of the top fraction, in (0, 0.5].
     :param resample: probability that an exploiting member draws a fresh rate instead of perturbing, [0, 1].
+    :param per_layer: 1 = one rate per layer, each mutated on its own; 0 = one rate for every layer.
     """
 
     population: int = 4
     max_rate: float = 0.4
     quantile: float = 0.25
     resample: float = 0.25
+    per_layer: int = 0
+
+    def rate_keys(self, n_layer: int) -> list[str]:
+        """The hyperparameters PBT mutates: ``rate``, or ``rate_0`` ... ``rate_{n_layer-1}``."""
+        return [f"rate_{i}" for i in range(n_layer)] if self.per_layer else ["rate"]
 
     def initial_rates(self) -> list[float]:
         """The members' starting rates: the midpoints of ``population`` equal bins of [0, max_rate]."""
@@ -89,6 +97,8 @@ def pbt_settings(spec: str) -> PBTSettings:
         raise UserError(f"pbt: quantile must be in (0, 0.5], got {s.quantile}")
     if not 0 <= s.resample <= 1:
         raise UserError(f"pbt: resample must be in [0, 1], got {s.resample}")
+    if s.per_layer not in (0, 1):
+        raise UserError(f"pbt: per_layer must be 0 or 1, got {s.per_layer}")
     return s
 
 
@@ -144,11 +154,21 @@ class MemberJob:
 
     cfg: TrainConfig
     threads: int | None
+    keys: list[str]
+
+
+def rate_record(iteration: int, rates: list[float], member_id: str) -> dict[str, Any]:
+    """The metrics record of a member's rate for the next interval, as a single run writes it (the mean,
+    and each layer's when they differ), with the member that trains it."""
+    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
+    if len(set(rates)) > 1:
+        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
+    return {**record, "pbt/member": member_id}
 
 
 def member(config: dict[str, Any], job: MemberJob) -> None:
     """Train one member from its checkpoint (or from scratch) to ``max_iters``, reporting after every
-    control interval. ``config["rate"]`` is its current dropout rate."""
+    control interval. ``config[key]`` for each of ``job.keys`` is its current rate (one, or one per layer)."""
     import torch
     from ray import tune
 
@@ -158,10 +178,12 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     if job.threads:
         torch.set_num_threads(job.threads)
     cfg = job.cfg
-    rate = float(config["rate"])
+    values = [float(config[k]) for k in job.keys]
+    rates = values * cfg.n_layer if len(values) == 1 else values
+    rate = sum(rates) / len(rates)  # what the member reports
     me = tune.get_context().get_trial_id()
     lineage = Lineage()
-    trainer = Trainer(cfg, make_controller(f"constant:rate={rate}"), data=shared_data(cfg.data, resolve_device(cfg.device)),
+    trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, resolve_device(cfg.device)),
                       logger=lineage)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -169,8 +191,8 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     else:  # this member's own checkpoint after a restart, or a better member's after an exploit
         lineage.records = restore_member(trainer, checkpoint, "a PBT member's checkpoint")
     while trainer.iteration < cfg.max_iters:
-        trainer.set_dropout(rate)
-        lineage.log({"iter": trainer.iteration, "dropout/rate": rate, "pbt/member": me})
+        trainer.set_dropout(rates)
+        lineage.log(rate_record(trainer.iteration, rates, me))
         n = min(cfg.control_interval, cfg.max_iters - trainer.iteration)
         try:
             trainer.advance(n)
@@ -237,18 +259,23 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
             if bar is not None:
                 bar.update(int(result.get("step_iters", 0)))
 
-    def clip(config: dict[str, Any]) -> dict[str, Any]:
-        return {**config, "rate": min(max(float(config["rate"]), 0.0), settings.max_rate)}
+    keys = settings.rate_keys(cfg.n_layer)
 
+    def clip(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, **{k: min(max(float(config[k]), 0.0), settings.max_rate) for k in keys}}
+
+    # every member starts with each of its rates at its grid point (per layer: all layers alike)
+    space: dict[str, Any] = {"start": tune.grid_search(settings.initial_rates())}
+    space.update({k: tune.sample_from(lambda spec: spec.config.start) for k in keys})
     progress = Progress()
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=1, synch=True,
-        hyperparam_mutations={"rate": tune.uniform(0.0, settings.max_rate)}, custom_explore_fn=clip,
+        hyperparam_mutations={k: tune.uniform(0.0, settings.max_rate) for k in keys}, custom_explore_fn=clip,
         quantile_fraction=settings.quantile, resample_probability=settings.resample, log_config=False)
-    trainable = tune.with_resources(tune.with_parameters(member, job=MemberJob(member_cfg, job.threads)),
+    trainable = tune.with_resources(tune.with_parameters(member, job=MemberJob(member_cfg, job.threads, keys)),
                                     {"cpu": cpus_per_member, "gpu": gpus_per_member})
     tuner = tune.Tuner(
-        trainable, param_space={"rate": tune.grid_search(settings.initial_rates())},
+        trainable, param_space=space,
         tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
         # stopped at its last report, so the scheduler does not make a finished member copy another
         run_config=tune.RunConfig(name="pbt", storage_path=str(storage), verbose=0, callbacks=[progress],
@@ -276,7 +303,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
             with r.checkpoint.as_directory() as d:
                 records = read_json(Path(d) / LINEAGE, "PBT lineage", kind=list)
             members.append({"trial_id": r.metrics.get("trial_id"), "best_val_loss": r.metrics["best_val_loss"],
-                            "schedule": [{k: rec[k] for k in ("iter", "dropout/rate", "pbt/member")}
+                            "schedule": [{k: v for k, v in rec.items() if k == "iter" or k.startswith(("dropout/", "pbt/"))}
                                          for rec in records if "dropout/rate" in rec]})
         best = min(finals, key=lambda r: r.metrics["best_val_loss"])
         if best.metrics["iteration"] < cfg.max_iters:
@@ -293,11 +320,12 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
     if cfg.gen_tokens:
         trainer.inference = trainer.measure_inference()
     summary = trainer.summary()
-    rates = [rec["dropout/rate"] for rec in records if "dropout/rate" in rec]
+    last = [rec for rec in records if "dropout/rate" in rec][-1:]
+    final_rates = [last[0].get(f"dropout/layer_{i}", last[0]["dropout/rate"]) for i in range(cfg.n_layer)] if last else None
     members_of = [rec["pbt/member"] for rec in records if "pbt/member" in rec]
     summary.update(controller=PBT, controller_params=asdict(settings), compute_iters=progress.iters,
                    population=settings.population, exploits=sum(a != b for a, b in zip(members_of, members_of[1:])),
-                   final_rates=[rates[-1]] * cfg.n_layer if rates else summary["final_rates"],
+                   final_rates=final_rates or summary["final_rates"],
                    controller_spec=job.spec, comparison=job.comparison, concurrent_trials=job.concurrent,
                    torch_threads=job.threads, executor="ray-tune-pbt")
     write_json(out / "pbt_members.json", members)

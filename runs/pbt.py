@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of members that copy a better one at every control interval, (0, 0.5]")
     p.add_argument("--resample", type=float, default=DEFAULTS.resample,
                    help="probability that a copying member draws a fresh rate instead of perturbing its donor's, [0, 1]")
+    p.add_argument("--per-layer", action="store_true",
+                   help="one rate per layer, each perturbed on its own (default: one rate for every layer)")
     p.add_argument("--jobs", type=int, default=1, help="members trained at the same time on a local Ray instance")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per member; default all cores / --jobs")
     p.add_argument("--address", default=None, help="a Ray cluster (auto or HOST:PORT); default a local instance")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus_per_member is not None and args.gpus_per_member < 0:
         raise UserError(f"--gpus-per-member must be >= 0, got {args.gpus_per_member}")
     spec = (f"pbt:population={args.population},max_rate={args.max_rate},quantile={args.quantile},"
-            f"resample={args.resample}")
+            f"resample={args.resample}" + (",per_layer=1" if args.per_layer else ""))
     try:
         pbt_settings(spec)
     except UserError as e:  # name the option, not the spec's key: "pbt: max_rate must..." -> "--max-rate must..."

@@ -17,7 +17,7 @@ def test_pbt_starts_its_own_item_in_a_controller_list_and_bad_settings_are_user_
     assert pbt_settings("pbt") == PBTSettings()
     assert pbt_settings("pbt:population=8,max_rate=0.5").population == 8
     for bad in ("pbt:population=1", "pbt:population=x", "pbt:max_rate=1", "pbt:quantile=0.9", "pbt:resample=2",
-                "pbt:size=3"):
+                "pbt:size=3", "pbt:per_layer=2"):
         with pytest.raises(UserError):
             pbt_settings(bad)
     assert all(0 < r < 0.4 for r in PBTSettings().initial_rates())  # spread over the range, none at 0
@@ -75,6 +75,30 @@ def test_a_pbt_row_writes_a_trial_whose_rate_changes_where_members_exploit(tmp_p
     row = next(r for r in table["rows"] if r["controller"] == spec)
     assert row["compute_iters"] == 80 and table["meta"]["sweep_compute_iters"] == 2 * 40
     assert "compute (iters)" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_per_layer_pbt_mutates_each_layer_on_its_own(tmp_path):
+    pytest.importorskip("ray.tune")
+    from runs.pbt import cli
+
+    out = tmp_path / "pbt"
+    assert cli(["--preset", "tiny", "--max-iters", "50", "--eval-interval", "10", "--eval-iters", "2", "--gen-tokens", "0",
+                "--threads", "1", "--no-progress", "--wandb", "disabled", "--population", "2", "--quantile", "0.5",
+                "--resample", "0", "--max-rate", "0.9", "--per-layer", "--jobs", "2", "--out", str(out)]) == 0
+    layers = lambda step: [step.get(f"dropout/layer_{i}", step["dropout/rate"]) for i in range(2)]  # noqa: E731
+    split = 0
+    for member in json.loads((out / "pbt_members.json").read_text()):
+        steps = member["schedule"]
+        for before, after in zip(steps, steps[1:]):
+            if before["pbt/member"] != after["pbt/member"]:  # each layer: the donor's rate ×1.2 or ×0.8
+                for b, a in zip(layers(before), layers(after)):
+                    assert any(math.isclose(a, min(b * f, 0.9)) for f in (1.2, 0.8)), (before, after)
+                split += len(set(layers(after))) > 1
+    assert split >= 1  # some exploit perturbed the two layers in different directions
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "dropout/rate" in r][-1]
+    assert json.loads((out / "summary.json").read_text())["final_rates"] == pytest.approx(layers(last))
 
 
 def test_a_pbt_trial_folder_can_be_cleared_for_a_rerun(tmp_path):
