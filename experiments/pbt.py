@@ -265,8 +265,10 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
         return {**config, **{k: min(max(float(config[k]), 0.0), settings.max_rate) for k in keys}}
 
     # every member starts with each of its rates at its grid point (per layer: all layers alike)
-    space: dict[str, Any] = {"start": tune.grid_search(settings.initial_rates())}
-    space.update({k: tune.sample_from(lambda spec: spec.config.start) for k in keys})
+    starts = tune.grid_search(settings.initial_rates())
+    space: dict[str, Any] = {"rate": starts}
+    if settings.per_layer:
+        space = {"start": starts, **{k: tune.sample_from(lambda spec: spec.config.start) for k in keys}}
     progress = Progress()
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=1, synch=True,
