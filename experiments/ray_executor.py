@@ -43,8 +43,10 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[An
         os.environ.setdefault("RAY_worker_niceness", "0")
     if started:
         try:
-            ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # "local": a new instance even where one runs already (Ray's default would join the machine's newest
+            # cluster, someone else's or another comparison's, and find it busy or refuse num_cpus)
+            ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with ray start --head, "
                             "or leave --address out for a local one") from None

@@ -66,6 +66,17 @@ def test_two_nodes_share_the_trials(cluster, tmp_path):
     assert sorted(nodes(out)) == sorted([c.head_node.node_id, worker.node_id])
 
 
+def test_without_an_address_a_comparison_starts_its_own_instance_beside_a_running_cluster(cluster, tmp_path):
+    """Ray's own default would join the newest cluster on the machine (another user's, another comparison's)."""
+    from runs.compare import cli
+
+    c, worker = cluster
+    out = tmp_path / "cmp"
+    assert cli([*TINY, "--max-iters", "20", "--controllers", "constant@0", "--seeds", "1,", "--executor", "ray",
+                "--out", str(out)]) == 0
+    assert nodes(out)[0] not in {c.head_node.node_id, worker.node_id}
+
+
 def node_processes(node) -> list:
     """The node's raylet and every process under it (its workers): what a crashed machine takes down."""
     import psutil
