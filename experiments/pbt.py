@@ -268,7 +268,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
     starts = tune.grid_search(settings.initial_rates())
     space: dict[str, Any] = {"rate": starts}
     if settings.per_layer:
-        space = {"start": starts, **{k: tune.sample_from(lambda spec: spec.config.start) for k in keys}}
+        space = {"start": starts, **{k: tune.sample_from(lambda config: config["start"]) for k in keys}}
     progress = Progress()
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=1, synch=True,
