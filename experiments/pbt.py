@@ -157,15 +157,6 @@ class MemberJob:
     keys: list[str]
 
 
-def rate_record(iteration: int, rates: list[float], member_id: str) -> dict[str, Any]:
-    """The metrics record of a member's rate for the next interval, as a single run writes it (the mean,
-    and each layer's when they differ), with the member that trains it."""
-    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
-    if len(set(rates)) > 1:
-        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
-    return {**record, "pbt/member": member_id}
-
-
 def member(config: dict[str, Any], job: MemberJob) -> None:
     """Train one member from its checkpoint (or from scratch) to ``max_iters``, reporting after every
     control interval. ``config[key]`` for each of ``job.keys`` is its current rate (one, or one per layer)."""
@@ -173,7 +164,7 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     from ray import tune
 
     from gpt.data import shared_data
-    from gpt.trainer import Diverged, Trainer, resolve_device
+    from gpt.trainer import Diverged, Trainer, rate_record, resolve_device
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -192,7 +183,7 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
         lineage.records = restore_member(trainer, checkpoint, "a PBT member's checkpoint")
     while trainer.iteration < cfg.max_iters:
         trainer.set_dropout(rates)
-        lineage.log(rate_record(trainer.iteration, rates, me))
+        lineage.log({**rate_record(trainer.iteration, rates), "pbt/member": me})
         n = min(cfg.control_interval, cfg.max_iters - trainer.iteration)
         try:
             trainer.advance(n)

@@ -632,14 +632,18 @@ class Trainer:
                 self.best_weights = {k: v.to(self.device) for k, v in saved["model"].items() if k in names}
 
 
-def control_record(iteration: int, rates: Sequence[float], controller: Controller) -> dict[str, Any]:
-    """The metrics record of a control step: the rate (mean over layers, and each layer's when they differ)
-    and the controller's internals."""
+def rate_record(iteration: int, rates: Sequence[float]) -> dict[str, Any]:
+    """The metrics record of the rates set at ``iteration``: the mean over layers, and each layer's when they
+    differ."""
     record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
     if len(set(rates)) > 1:
         record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
-    record.update({f"controller/{k}": v for k, v in controller.internals().items()})
     return record
+
+
+def control_record(iteration: int, rates: Sequence[float], controller: Controller) -> dict[str, Any]:
+    """The metrics record of a control step: :func:`rate_record` and the controller's internals."""
+    return {**rate_record(iteration, rates), **{f"controller/{k}": v for k, v in controller.internals().items()}}
 
 
 @torch.no_grad()
