@@ -7,6 +7,7 @@ and stop only those; together they take about a minute on 2 busy cores.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -46,9 +47,19 @@ def test_a_local_ray_comparison_reproduces_the_local_table(tmp_path):
     assert not ray.is_initialized()  # the local instance was stopped
 
 
+HOOKS = Path(__file__).parent / "ray_hooks"
+"""On the cluster's PYTHONPATH: its ``sitecustomize`` registers the test-only ``wait_for_file`` controller in
+every worker (tests/ray_hooks/wait_controller.py)."""
+
+
 @pytest.fixture
-def cluster():
-    """A head and one worker node on loopback, one CPU each; only these Ray processes are stopped after."""
+def cluster(monkeypatch):
+    """A head and one worker node on loopback, one CPU each; only these Ray processes are stopped after. Their
+    workers know the ``wait_for_file`` controller, and so does this process."""
+    monkeypatch.syspath_prepend(str(HOOKS))
+    import wait_controller  # noqa: F401  (registers the controller here too: the driver checks every spec)
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")])))
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = c.add_node(num_cpus=1)
     c.wait_for_nodes()
@@ -103,31 +114,36 @@ def running_a_trial(node) -> bool:
 
 @pytest.mark.parametrize("retries", [3, 0])
 def test_a_worker_node_killed_mid_trial_costs_a_rerun_not_a_row(cluster, tmp_path, monkeypatch, capsys, retries):
-    """With Ray's retries the killed node's trial reruns on the head; without them, one line and exit 2."""
+    """With Ray's retries the killed node's trial reruns on the head; without them, one line and exit 2.
+
+    Deterministic: both trials hold at their first control step until the file ``go`` exists (the
+    ``wait_for_file`` controller), so both nodes are busy, the worker's trial is surely running when its node
+    is killed, and ``go`` is created only after the kill.
+    """
     from experiments import ray_executor
     from runs.compare import cli
 
     monkeypatch.setattr(ray_executor, "MAX_RETRIES", retries)
     c, worker = cluster
-    killed: list[str] = []
+    go = tmp_path / "go"
+    seen: list[bool] = []
 
     def kill_the_worker_node_mid_trial():
         deadline = time.monotonic() + 300
         while not running_a_trial(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(3)  # into the trial: its files exist only in the node's temp folder
-        procs = node_processes(worker)
-        for proc in procs:
+        seen.append(running_a_trial(worker))
+        for proc in node_processes(worker):
             proc.kill()  # SIGKILL, no goodbye: as when the machine dies
-        killed.extend(p.name() for p in procs[:1])
+        go.touch()  # only now may the trials go on
 
     killer = threading.Thread(target=kill_the_worker_node_mid_trial, daemon=True)
     killer.start()
     out = tmp_path / "cmp"
-    code = cli([*TINY, "--max-iters", "200", "--controllers", "constant@0,0.1", "--seeds", "1", "--executor", "ray",
-                "--address", c.address, "--cpus-per-trial", "1", "--out", str(out)])
+    code = cli([*TINY, "--max-iters", "20", "--controllers", f"wait_for_file:path={go}", "--seeds", "2",
+                "--executor", "ray", "--address", c.address, "--cpus-per-trial", "1", "--out", str(out)])
     killer.join(timeout=10)
-    assert killed, "the worker node never ran a trial, so nothing was killed"
+    assert seen == [True], "the worker node never ran a trial"
     if retries:
         assert code == 0
         table = trials(out)
