@@ -164,3 +164,17 @@ def register(cls: type[Controller]) -> type[Controller]:
     assert cls.name and cls.name not in CONTROLLERS, cls
     CONTROLLERS[cls.name] = cls
     return cls
+
+
+class HoldRate(Controller):
+    """The null controller: it keeps the rates in force, whatever the caller last set (``Trainer.set_dropout``).
+
+    A trainer built without a controller holds one of these, so the training loop never checks for ``None``: the
+    RL env and a PBT member set the rate themselves, and their checkpoints and summaries still name a controller.
+    It is not in the registry: a user who wants a fixed rate asks for ``constant``.
+    """
+
+    name = "hold"
+
+    def _update(self, stats: TrainingStats) -> Rate:
+        return stats.rates

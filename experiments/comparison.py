@@ -13,7 +13,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
 
 from controllers import with_policy
 from dyndrop import UserError, read_json, write_json
@@ -21,7 +22,6 @@ from gpt.config import MAX_SEED, TrainConfig
 
 from .trials import Trial, TrialJob, TrialResult, load_result, run_population, run_trial, trial_status
 
-EXECUTORS = ("local", "population", "ray")
 PARENT_POLL_S = 2.0
 """How often a worker process checks that the comparison that started it is still alive (seconds)."""
 
@@ -43,7 +43,160 @@ def exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-"""How a comparison's trials run (see :class:`Comparison`)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Executors: how a comparison's trials run. A registry of small classes with one interface, so the comparison
+# and the command line ask the executor instead of comparing its name.
+
+
+class Executor(ABC):
+    """Runs a comparison's pending trials. Subclasses set ``name`` (what ``--executor`` takes) and ``summary``
+    (its line in ``--help``), and implement :meth:`run`.
+
+    :param comparison: the comparison whose trials it runs (its ``jobs``, ``population``, Ray settings).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __init__(self, comparison: Comparison) -> None:
+        self.comparison = comparison
+
+    def threads(self) -> int | None:
+        """torch CPU threads per trial when ``--threads`` is not given; None = torch's choice."""
+        return None
+
+    def concurrent(self) -> int:
+        """Trials that run at once (recorded with each trial: its times depend on it)."""
+        return self.comparison.jobs
+
+    def describe(self) -> str:
+        """How the trials run, for the comparison's first line."""
+        return f"{self.comparison.jobs} at a time"
+
+    def batched_iterations(self, n_trials: int) -> int:
+        """Iterations a progress bar should count for ``n_trials`` controller trials (0: count trials only)."""
+        return 0
+
+    def shows_trial_progress(self) -> bool:
+        """Whether each trial may draw its own progress bar (one trial at a time, in this process)."""
+        return False
+
+    @abstractmethod
+    def run(self, jobs: list[tuple[Trial, TrialJob]], on_done: OnDone | None, bar: Any) -> None:
+        """Run every job; ``on_done(trial, summary)`` after each."""
+
+    def run_pbt(self, job: TrialJob, bar: Any) -> dict[str, Any]:
+        """Run a PBT row: its members on a local Ray instance with ``jobs`` CPUs, one member per CPU."""
+        from .pbt import run_pbt_trial
+
+        return run_pbt_trial(job, cpus=self.comparison.jobs, bar=bar)
+
+
+EXECUTORS: dict[str, type[Executor]] = {}
+
+
+def register_executor(cls: type[Executor]) -> type[Executor]:
+    """Class decorator: make ``cls`` the executor called ``cls.name``."""
+    assert cls.name and cls.name not in EXECUTORS, cls
+    EXECUTORS[cls.name] = cls
+    return cls
+
+
+OnDone = Callable[[Trial, dict[str, Any]], None]
+
+
+@register_executor
+class LocalExecutor(Executor):
+    name = "local"
+    summary = "trials one after another in this process, or --jobs worker processes at once"
+
+    def threads(self) -> int | None:  # workers must not each take every core
+        return max(1, (os.cpu_count() or 1) // self.comparison.jobs) if self.comparison.jobs > 1 else None
+
+    def shows_trial_progress(self) -> bool:
+        return self.comparison.jobs == 1
+
+    def run(self, jobs: list[tuple[Trial, TrialJob]], on_done: OnDone | None, bar: Any) -> None:
+        if self.comparison.jobs == 1:
+            for trial, job in jobs:
+                summary = run_trial(job)
+                if on_done:
+                    on_done(trial, summary)
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        with ProcessPoolExecutor(max_workers=self.comparison.jobs, mp_context=ctx, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(run_trial, job): trial for trial, job in jobs}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    if fut.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise fut.exception()
+                    if on_done:
+                        on_done(futures[fut], fut.result())
+
+
+@register_executor
+class PopulationExecutor(Executor):
+    name = "population"
+    summary = "--population trials at a time trained as one batched model, in this process"
+
+    def concurrent(self) -> int:
+        return self.comparison.population
+
+    def describe(self) -> str:
+        return f"batched populations of up to {self.comparison.population} trials (one model each)"
+
+    def batched_iterations(self, n_trials: int) -> int:
+        return self.comparison.cfg.max_iters * -(-n_trials // self.comparison.population)
+
+    def run(self, jobs: list[tuple[Trial, TrialJob]], on_done: OnDone | None, bar: Any) -> None:
+        # trials of one comparison share every setting but seed and controller: any of them can share a model
+        size = self.comparison.population
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start:start + size]
+            for (trial, _), summary in zip(chunk, run_population([job for _, job in chunk], bar)):
+                if on_done:
+                    on_done(trial, summary)
+
+
+@register_executor
+class RayExecutor(Executor):
+    name = "ray"
+    summary = "each trial a Ray task on a local Ray instance or the cluster at --address"
+
+    def threads(self) -> int | None:  # as many threads as CPUs the task holds
+        return max(1, int(self.comparison.cpus_per_trial))
+
+    def concurrent(self) -> int:
+        return 0  # decided by the cluster
+
+    def describe(self) -> str:
+        c = self.comparison
+        return (f"Ray tasks of {c.cpus_per_trial:g} CPU + {c.gpus_per_trial:g} GPU "
+                f"on {c.address or 'a local Ray instance'}")
+
+    def run(self, jobs: list[tuple[Trial, TrialJob]], on_done: OnDone | None, bar: Any) -> None:
+        from .ray_executor import run_on_ray
+
+        c = self.comparison
+        run_on_ray(jobs, c.out, c.address, c.cpus_per_trial, c.gpus_per_trial, c.cfg.data, on_done)
+
+    def run_pbt(self, job: TrialJob, bar: Any) -> dict[str, Any]:
+        """A PBT row's members as Ray Tune trials on the cluster, one member per ``cpus_per_trial``."""
+        from .pbt import run_pbt_trial
+
+        c = self.comparison
+        return run_pbt_trial(job, address=c.address, cpus_per_member=c.cpus_per_trial,
+                             gpus_per_member=c.gpus_per_trial, bar=bar)
 
 
 @dataclass
@@ -57,9 +210,9 @@ class Comparison:
     :param out: the comparison's folder.
     :param name: the comparison's name (default: the folder's name); the wandb group is ``compare-<name>``
         unless ``cfg.wandb_group`` is set.
-    :param executor: how trials run: ``local`` — one after another in this process, or ``jobs`` worker processes
-        at once; ``population`` — ``population`` trials at a time as one batched model
-        (:func:`experiments.trials.run_population`), in this process.
+    :param executor: how trials run, a name in :data:`EXECUTORS`: ``local`` — one after another in this process,
+        or ``jobs`` worker processes at once; ``population`` — ``population`` trials at a time as one batched model
+        (:func:`experiments.trials.run_population`), in this process; ``ray`` — Ray tasks.
     :param jobs: with ``local``: trials run at once, each in its own worker process (1 = in this process).
     :param population: with ``population``: members per population (trials trained together).
     :param address: with ``ray``: the cluster (``auto``, ``HOST:PORT``); None = a local Ray instance.
@@ -94,6 +247,7 @@ class Comparison:
         self.name = self.name or self.out.resolve().name
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor} is invalid: it must be one of {', '.join(EXECUTORS)}")
+        self.runner: Executor = EXECUTORS[self.executor](self)
         if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)) or not (
                 self.gpus_per_trial >= 0 and math.isfinite(self.gpus_per_trial)):
             raise UserError(f"--cpus-per-trial {self.cpus_per_trial} must be > 0 and --gpus-per-trial "
@@ -178,84 +332,26 @@ class Comparison:
 
     def job(self, trial: Trial, progress: bool) -> TrialJob:
         cfg = dataclasses.replace(self.trial_config(trial), progress=progress)
-        threads = self.threads
-        if threads is None and self.jobs > 1 and self.executor == "local":  # workers must not each take every core
-            threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        if threads is None and self.executor == "ray":  # as many threads as CPUs the task holds
-            threads = max(1, int(self.cpus_per_trial))
         return TrialJob(cfg=cfg, spec=trial.spec, name=trial.run_name, group=self.group, comparison=self.name,
-                        concurrent=self.population if self.executor == "population" else
-                        0 if self.executor == "ray" else self.jobs, threads=threads,
-                        wandb_dir=str(self.out), warm_up=self.warm_up)
+                        concurrent=self.runner.concurrent(),
+                        threads=self.threads if self.threads is not None else self.runner.threads(),
+                        wandb_dir=str(self.out), warm_up=self.warm_up, executor=self.executor)
 
-    def run(self, on_done: Callable[[Trial, dict[str, Any]], None] | None = None, bar: Any = None) -> list[Trial]:
-        """Run every pending trial; ``on_done(trial, summary)`` after each. Returns the trials run.
-        ``bar`` (a tqdm bar) counts a population's iterations.
+    def run(self, on_done: OnDone | None = None, bar: Any = None) -> list[Trial]:
+        """Run every pending trial with the comparison's executor; ``on_done(trial, summary)`` after each. Returns
+        the trials run. ``bar`` (a tqdm bar) counts the iterations of batched populations and PBT rows.
 
-        With ``jobs > 1`` the trials run in that many spawned worker processes (each loads the data
-        itself); a worker that raises stops the comparison once the trials already running end. ``pbt``
-        rows run last, each as a population on Ray (:mod:`experiments.pbt`): on a local Ray instance with
-        ``jobs`` CPUs, or with ``--executor ray`` on the cluster, one member per ``cpus_per_trial``.
+        ``pbt`` rows run last, each as a population on Ray (:mod:`experiments.pbt`, :meth:`Executor.run_pbt`), after
+        the single runs, which would compete for the CPUs.
         """
         from .pbt import is_pbt
 
         self.save()
         todo = self.pending()
-        pbt = [t for t in todo if is_pbt(t.spec)]
-        self._run_controllers([t for t in todo if not is_pbt(t.spec)], on_done, bar)
-        for trial in pbt:  # K members at a time on Ray: after the single runs, which would compete for the CPUs
-            summary = self._run_pbt(trial, bar)
+        progress = self.cfg.progress and self.runner.shows_trial_progress()
+        self.runner.run([(t, self.job(t, progress)) for t in todo if not is_pbt(t.spec)], on_done, bar)
+        for trial in (t for t in todo if is_pbt(t.spec)):
+            summary = self.runner.run_pbt(self.job(trial, progress=False), bar)
             if on_done:
                 on_done(trial, summary)
         return todo
-
-    def _run_pbt(self, trial: Trial, bar: Any = None) -> dict[str, Any]:
-        from .pbt import run_pbt_trial
-
-        job = self.job(trial, progress=False)
-        if self.executor == "ray":
-            return run_pbt_trial(job, address=self.address, cpus_per_member=self.cpus_per_trial,
-                                 gpus_per_member=self.gpus_per_trial, bar=bar)
-        # local and population: a local Ray instance with --jobs CPUs, one member per CPU
-        return run_pbt_trial(job, cpus=self.jobs, bar=bar)
-
-    def _run_controllers(self, todo: list[Trial], on_done: Callable[[Trial, dict[str, Any]], None] | None,
-                         bar: Any) -> None:
-        if self.executor == "ray":
-            from .ray_executor import run_on_ray
-
-            run_on_ray([(t, self.job(t, progress=False)) for t in todo], self.out, self.address, self.cpus_per_trial,
-                       self.gpus_per_trial, self.cfg.data, on_done)
-            return
-        if self.executor == "population":
-            # trials of one comparison share every setting but seed and controller: any of them can share a model
-            for start in range(0, len(todo), self.population):
-                chunk = todo[start:start + self.population]
-                jobs = [self.job(t, progress=False) for t in chunk]
-                for trial, summary in zip(chunk, run_population(jobs, bar)):
-                    if on_done:
-                        on_done(trial, summary)
-            return
-        if self.jobs == 1:
-            for trial in todo:
-                summary = run_trial(self.job(trial, progress=self.cfg.progress))
-                if on_done:
-                    on_done(trial, summary)
-            return
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(run_trial, self.job(t, progress=False)): t for t in todo}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise fut.exception()
-                    if on_done:
-                        on_done(futures[fut], fut.result())

@@ -27,20 +27,19 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from controllers import make_controller, spec_name
+from controllers import spec_name
 from controllers.specs import spec_params
 from dyndrop import UserError, read_json, write_json
-from dyndrop.folders import clear_run_folder
 from gpt.config import TrainConfig
 
-from .trials import TrialJob, policy_digest
+from .trials import TrialFolder, TrialJob
 
 PBT = "pbt"
 """The spec name of the PBT row: ``pbt`` or ``pbt:population=K,max_rate=R,quantile=Q,resample=P``."""
@@ -124,13 +123,6 @@ class Lineage:
         self.records.append(dict(record))
 
 
-def eval_record(trainer: Any, result: dict[str, float]) -> dict[str, Any]:
-    """The metrics record of an evaluation, as a single run writes it."""
-    return {"iter": trainer.iteration, "train/eval_loss": result["train_loss"], "val/loss": result["val_loss"],
-            "val/gap": result["val_loss"] - result["train_loss"], "val/best_loss": trainer.history.best_val_loss,
-            "perf/tokens_per_s": trainer.history.tokens_per_s}
-
-
 STATE, BEST, LINEAGE = "trainer.pt", "best.pt", "lineage.json"
 """A member's checkpoint folder: the trainer's state_dict, its best weights so far, its lineage's records."""
 
@@ -159,12 +151,17 @@ class MemberJob:
 
 def member(config: dict[str, Any], job: MemberJob) -> None:
     """Train one member from its checkpoint (or from scratch) to ``max_iters``, reporting after every
-    control interval. ``config[key]`` for each of ``job.keys`` is its current rate (one, or one per layer)."""
+    control interval. ``config[key]`` for each of ``job.keys`` is its current rate (one, or one per layer).
+
+    The member's run is a :class:`gpt.trainer.Trainer` without a controller (PBT sets the rate); its records are
+    the trainer's own (``gpt.tracking``), and its wall time adds up along its lineage (it is in the checkpoint's
+    history), so the winner's records carry ``perf/wall_time_s`` as a single run's do."""
     import torch
     from ray import tune
 
     from gpt.data import shared_data
-    from gpt.trainer import Diverged, Trainer, rate_record, resolve_device
+    from gpt.tracking import eval_record, rate_record
+    from gpt.trainer import Diverged, Trainer, resolve_device
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -174,25 +171,35 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     rate = sum(rates) / len(rates)  # what the member reports
     me = tune.get_context().get_trial_id()
     lineage = Lineage()
-    trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, resolve_device(cfg.device)),
-                      logger=lineage)
+    trainer = Trainer(cfg, data=shared_data(cfg.data, resolve_device(cfg.device)), logger=lineage)
+
+    def timed(step: Any) -> Any:  # adds the step's time to the lineage's wall time (a restore replaces history)
+        t0 = time.perf_counter()
+        result = step()
+        trainer.history.wall_time_s += time.perf_counter() - t0
+        return result
+
+    def evaluate() -> dict[str, Any]:
+        result = timed(trainer.evaluate)
+        lineage.log(eval_record(trainer.iteration, result["train_loss"], result["val_loss"], trainer.history))
+        return result
+
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        lineage.log(eval_record(trainer, trainer.evaluate()))
+        evaluate()
     else:  # this member's own checkpoint after a restart, or a better member's after an exploit
         lineage.records = restore_member(trainer, checkpoint, "a PBT member's checkpoint")
     while trainer.iteration < cfg.max_iters:
         trainer.set_dropout(rates)
         lineage.log({**rate_record(trainer.iteration, rates), "pbt/member": me})
-        n = min(cfg.control_interval, cfg.max_iters - trainer.iteration)
+        n = min(cfg.control_every, cfg.max_iters - trainer.iteration)
         try:
-            trainer.advance(n)
-            result = trainer.evaluate()
+            timed(lambda: trainer.advance(n))
+            result = evaluate()
         except Diverged:  # the member is out; the others go on
             tune.report({"val_loss": math.inf, "best_val_loss": trainer.history.best_val_loss,
                          "iteration": trainer.iteration, "step_iters": n, "rate": rate, "diverged": True})
             return
-        lineage.log(eval_record(trainer, result))
         with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-ckpt-") as d:
             torch.save(trainer.state_dict(), Path(d) / STATE)
             if trainer.best_weights is not None:
@@ -204,130 +211,170 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The driver
+# The driver: named pieces, then run_pbt_trial wiring them
+
+
+def clip_rates(config: dict[str, Any], keys: list[str], max_rate: float) -> dict[str, Any]:
+    """PBT's explore step for rates: ``config`` with each of ``keys`` clipped into ``[0, max_rate]`` (Tune's
+    perturbation may step outside it). ``clip_rates({"rate": 0.48}, ["rate"], 0.4) == {"rate": 0.4}``."""
+    return {**config, **{k: min(max(float(config[k]), 0.0), max_rate) for k in keys}}
+
+
+class IterationCounter:
+    """Counts the training iterations every member reports (the row's compute) and moves a progress bar. Tune's
+    ``on_trial_result`` hook; :func:`tune_callback` makes it a ``tune.Callback``."""
+
+    def __init__(self, bar: Any = None) -> None:
+        self.iters, self.bar = 0, bar
+
+    def on_trial_result(self, iteration: int, trials: Any, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        n = int(result.get("step_iters", 0))
+        self.iters += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+def tune_callback(counter: IterationCounter) -> Any:
+    """``counter`` as a ``ray.tune.Callback`` (Tune accepts only those)."""
+    from ray import tune
+
+    class Hook(tune.Callback):
+        def on_trial_result(self, **info: Any) -> None:
+            counter.on_trial_result(**info)
+
+    return Hook()
+
+
+def search_space(settings: PBTSettings, keys: list[str]) -> dict[str, Any]:
+    """Every member starts with each of its rates at its grid point (per layer: all layers alike)."""
+    from ray import tune
+
+    starts = tune.grid_search(settings.initial_rates())
+    if not settings.per_layer:
+        return {"rate": starts}
+    return {"start": starts, **{k: tune.sample_from(lambda config: config["start"]) for k in keys}}
+
+
+def make_tuner(job: TrialJob, settings: PBTSettings, member_cfg: TrainConfig, storage: Path,
+               resources: dict[str, float], counter: IterationCounter) -> Any:
+    """The Tune experiment: K members of :func:`member` under synchronous ``PopulationBasedTraining``, reporting to
+    ``counter``, checkpoints under ``storage``."""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    keys = settings.rate_keys(member_cfg.n_layer)
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=1, synch=True,
+        hyperparam_mutations={k: tune.uniform(0.0, settings.max_rate) for k in keys},
+        custom_explore_fn=lambda config: clip_rates(config, keys, settings.max_rate),
+        quantile_fraction=settings.quantile, resample_probability=settings.resample, log_config=False)
+    trainable = tune.with_resources(tune.with_parameters(member, job=MemberJob(member_cfg, job.threads, keys)),
+                                    resources)
+    return tune.Tuner(
+        trainable, param_space=search_space(settings, keys),
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
+        # stopped at its last report, so the scheduler does not make a finished member copy another
+        run_config=tune.RunConfig(name="pbt", storage_path=str(storage), verbose=0, callbacks=[tune_callback(counter)],
+                                  stop={"iteration": member_cfg.max_iters},
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                  failure_config=tune.FailureConfig(max_failures=3)))
+
+
+@contextmanager
+def tune_quietly_and_seeded(seed: int) -> Iterator[None]:
+    """Tune without its own tables (the bar is ours), Ctrl-C raising as everywhere else (rather than Tune stopping
+    and returning a partial population), and Python's ``random`` seeded with ``seed`` (PBT draws its exploit
+    partners and perturbations from it); the caller's ``random`` state comes back afterwards."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def lineage_schedules(finals: list[Any]) -> list[dict[str, Any]]:
+    """``pbt_members.json``: each finished member's best val loss and rate schedule (its lineage's rate records;
+    ``pbt/member`` changes where it copied another member)."""
+    members = []
+    for r in finals:
+        with r.checkpoint.as_directory() as d:
+            records = read_json(Path(d) / LINEAGE, "PBT lineage", kind=list)
+        members.append({"trial_id": r.metrics.get("trial_id"), "best_val_loss": r.metrics["best_val_loss"],
+                        "schedule": [{k: v for k, v in rec.items() if k == "iter" or k.startswith(("dropout/", "pbt/"))}
+                                     for rec in records if "dropout/rate" in rec]})
+    return members
+
+
+def final_rates(records: list[dict[str, Any]], n_layer: int) -> list[float] | None:
+    """The last rates of a lineage, one per layer (None without a rate record)."""
+    last = [rec for rec in records if "dropout/rate" in rec][-1:]
+    return [last[0].get(f"dropout/layer_{i}", last[0]["dropout/rate"]) for i in range(n_layer)] if last else None
+
+
+def pbt_summary(trainer: Any, records: list[dict[str, Any]], settings: PBTSettings, compute_iters: int) -> dict[str, Any]:
+    """The winner's summary, as a single run's (scored as one is), with PBT's figures beside it."""
+    summary = trainer.summary()
+    members_of = [rec["pbt/member"] for rec in records if "pbt/member" in rec]
+    summary.update(controller=PBT, controller_params=asdict(settings), compute_iters=compute_iters,
+                   pbt_population=settings.population,
+                   exploits=sum(a != b for a, b in zip(members_of, members_of[1:])),
+                   final_rates=final_rates(records, trainer.cfg.n_layer) or summary["final_rates"])
+    return summary
 
 
 def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, cpus_per_member: float = 1.0,
                   gpus_per_member: float | None = None, bar: Any = None) -> dict[str, Any]:
-    """Run the PBT row ``job.spec`` for ``job.cfg.seed`` and write its trial folder (``job.cfg.out``).
-    Returns its summary.
+    """Run the PBT row ``job.spec`` for ``job.cfg.seed`` and write its :class:`~experiments.trials.TrialFolder`
+    (``job.cfg.out``). Returns its summary.
 
     :param address: a Ray cluster (``auto``, ``HOST:PORT``); None = a local instance with ``cpus`` CPUs.
     :param cpus_per_member: CPUs each member holds (members at a time = CPUs / this).
     :param gpus_per_member: GPUs each member holds; default 1/``cpus`` on a CUDA run, else 0.
     :param bar: a tqdm bar counting the population's iterations (``population × max_iters`` in all).
     """
-    from ray import tune
-    from ray.tune.schedulers import PopulationBasedTraining
-
     from gpt.data import resolve_dataset, shared_data
-    from gpt.tracking import RunLogger
     from gpt.trainer import Trainer, resolve_device
 
     from .ray_executor import ray_session
 
-    settings = pbt_settings(job.spec)
-    cfg = job.cfg
-    out = Path(cfg.out)
+    job = dataclasses.replace(job, executor="ray-tune-pbt")  # whatever runs the comparison's other rows
+    settings, cfg = pbt_settings(job.spec), job.cfg
     device = resolve_device(cfg.device)
     if gpus_per_member is None:
         gpus_per_member = 1 / max(1, cpus) if device.type == "cuda" else 0.0
-    clear_run_folder(out)  # an interrupted attempt starts again from scratch
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "trial.json", {"config": asdict(cfg), "controller": job.spec, "policy_sha256": policy_digest(job.spec)})
-    storage = Path(tempfile.mkdtemp(prefix="dyndrop-pbt-"))
-    member_cfg = dataclasses.replace(cfg, out=str(storage / "member"), checkpoint=False, progress=False,
-                                     wandb="disabled", gen_tokens=0, data=str(resolve_dataset(cfg.data)))
-
-    class Progress(tune.Callback):
-        """Counts the iterations every member trains (the row's compute) and moves the bar."""
-
-        def __init__(self) -> None:
-            self.iters = 0
-
-        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            self.iters += int(result.get("step_iters", 0))
-            if bar is not None:
-                bar.update(int(result.get("step_iters", 0)))
-
-    keys = settings.rate_keys(cfg.n_layer)
-
-    def clip(config: dict[str, Any]) -> dict[str, Any]:
-        return {**config, **{k: min(max(float(config[k]), 0.0), settings.max_rate) for k in keys}}
-
-    # every member starts with each of its rates at its grid point (per layer: all layers alike)
-    starts = tune.grid_search(settings.initial_rates())
-    space: dict[str, Any] = {"rate": starts}
-    if settings.per_layer:
-        space = {"start": starts, **{k: tune.sample_from(lambda config: config["start"]) for k in keys}}
-    progress = Progress()
-    scheduler = PopulationBasedTraining(
-        time_attr="training_iteration", perturbation_interval=1, synch=True,
-        hyperparam_mutations={k: tune.uniform(0.0, settings.max_rate) for k in keys}, custom_explore_fn=clip,
-        quantile_fraction=settings.quantile, resample_probability=settings.resample, log_config=False)
-    trainable = tune.with_resources(tune.with_parameters(member, job=MemberJob(member_cfg, job.threads, keys)),
-                                    {"cpu": cpus_per_member, "gpu": gpus_per_member})
-    tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
-        # stopped at its last report, so the scheduler does not make a finished member copy another
-        run_config=tune.RunConfig(name="pbt", storage_path=str(storage), verbose=0, callbacks=[progress],
-                                  stop={"iteration": cfg.max_iters},
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                                  failure_config=tune.FailureConfig(max_failures=3)))
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables from Tune, the bar is ours
-    # Ctrl-C raises here as everywhere else, rather than Tune stopping and returning a partial population
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    t0 = time.perf_counter()
-    state = random.getstate()
-    random.seed(cfg.seed)  # PBT draws its exploit partners and perturbations from Python's random
-    try:
-        with ray_session(address, num_cpus=None if address else cpus):
+    folder = TrialFolder(job)
+    folder.start()
+    counter = IterationCounter(bar)
+    with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-") as tmp:
+        storage = Path(tmp)
+        member_cfg = dataclasses.replace(cfg, out=str(storage / "member"), checkpoint=False, progress=False,
+                                         wandb="disabled", gen_tokens=0, data=str(resolve_dataset(cfg.data)))
+        tuner = make_tuner(job, settings, member_cfg, storage, {"cpu": cpus_per_member, "gpu": gpus_per_member}, counter)
+        t0 = time.perf_counter()
+        with tune_quietly_and_seeded(cfg.seed), ray_session(address, num_cpus=None if address else cpus):
             grid = tuner.fit()
         wall = time.perf_counter() - t0
         if grid.errors:
             raise RuntimeError(f"PBT members failed: {grid.errors[0]}")
         finals = [r for r in grid if r.checkpoint is not None and not r.metrics.get("diverged")]
         if not finals:  # recorded as a single run's divergence is, so the table counts it
-            write_json(out / "diverged.json", {"error": "every PBT member diverged", "iteration": None})
-            return {"diverged": "every PBT member diverged"}
-        members = []
-        for r in finals:
-            with r.checkpoint.as_directory() as d:
-                records = read_json(Path(d) / LINEAGE, "PBT lineage", kind=list)
-            members.append({"trial_id": r.metrics.get("trial_id"), "best_val_loss": r.metrics["best_val_loss"],
-                            "schedule": [{k: v for k, v in rec.items() if k == "iter" or k.startswith(("dropout/", "pbt/"))}
-                                         for rec in records if "dropout/rate" in rec]})
+            return folder.diverge(None, "every PBT member diverged", None)
         best = min(finals, key=lambda r: r.metrics["best_val_loss"])
         if best.metrics["iteration"] < cfg.max_iters:
             raise RuntimeError(f"PBT stopped at iteration {best.metrics['iteration']} of {cfg.max_iters}")
-
+        write_json(folder.out / "pbt_members.json", lineage_schedules(finals))
         # the winner's lineage becomes the trial folder, scored as a single run is
-        trainer = Trainer(cfg, make_controller("constant:rate=0"), data=shared_data(cfg.data, device))
+        trainer = Trainer(cfg, data=shared_data(cfg.data, device))
         records = restore_member(trainer, best.checkpoint, "the best PBT member's checkpoint")
-    finally:
-        random.setstate(state)
-        shutil.rmtree(storage, ignore_errors=True)
     trainer.history.wall_time_s = wall
     trainer.score_best_on_full_val()
     if cfg.gen_tokens:
         trainer.inference = trainer.measure_inference()
-    summary = trainer.summary()
-    last = [rec for rec in records if "dropout/rate" in rec][-1:]
-    final_rates = [last[0].get(f"dropout/layer_{i}", last[0]["dropout/rate"]) for i in range(cfg.n_layer)] if last else None
-    members_of = [rec["pbt/member"] for rec in records if "pbt/member" in rec]
-    summary.update(controller=PBT, controller_params=asdict(settings), compute_iters=progress.iters,
-                   population=settings.population, exploits=sum(a != b for a, b in zip(members_of, members_of[1:])),
-                   final_rates=final_rates or summary["final_rates"],
-                   controller_spec=job.spec, comparison=job.comparison, concurrent_trials=job.concurrent,
-                   torch_threads=job.threads, executor="ray-tune-pbt")
-    write_json(out / "pbt_members.json", members)
-    logger = RunLogger(out, mode=cfg.wandb, project=cfg.wandb_project, group=job.group, name=job.name,
-                       config={**asdict(cfg), "controller": PBT, "controller_spec": job.spec,
-                               **{f"controller.{k}": v for k, v in asdict(settings).items()},
-                               "comparison": job.comparison}, wandb_dir=job.wandb_dir)
+    summary = pbt_summary(trainer, records, settings, counter.iters)
+    logger = folder.logger(trainer.controller, {"controller": PBT, **{f"controller.{k}": v for k, v in asdict(settings).items()}})
     for rec in records:
         logger.log(rec)
-    (out / "sample.txt").write_text(trainer.inference.text if trainer.inference else "")
-    logger.finish(summary)
-    return summary
+    return folder.finish(logger, summary, trainer.inference.text if trainer.inference else None)

@@ -1,9 +1,11 @@
 """Trials: one training run into a folder, run in this process or a worker, and read back.
 
-- :func:`make_trainer` and :func:`train_and_save` run one training run into a folder (``metrics.jsonl``,
-  ``summary.json``, ``sample.txt``, wandb); ``runs.train`` and every trial of a comparison use them.
-- :class:`Trial`, :class:`TrialJob` and :func:`run_trial`: one run of a comparison, with its settings
-  written first (``trial.json``) and its result last, so a half-run trial is recognised and redone.
+- :func:`open_logger` and :func:`write_result` open a run's records and write its result (``metrics.jsonl``,
+  ``summary.json``, ``sample.txt``, wandb); :func:`make_trainer` and :func:`train_and_save` use them for
+  ``runs.train``, and :class:`TrialFolder` for every trial of a comparison.
+- :class:`Trial`, :class:`TrialJob`, :class:`TrialFolder` and :func:`run_trial` / :func:`run_population`: one
+  run of a comparison, with its settings written first (``trial.json``) and its result last, so a half-run trial
+  is recognised and redone. PBT rows (:mod:`experiments.pbt`) write their folder through :class:`TrialFolder` too.
 - :func:`trial_status` and :class:`TrialResult`: reading finished trials back.
 """
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from controllers import make_controller, spec_policy
 from controllers.specs import slug
 from dyndrop import UserError, read_json, write_json
 from dyndrop.folders import clear_run_folder
-from gpt.config import TrainConfig
+from gpt.config import TrainConfig, canonical_settings
 from gpt.tracking import read_records
 
 UNCOMPARED_SETTINGS = ("out", "progress", "wandb", "wandb_project", "wandb_group", "checkpoint", "device")
@@ -54,31 +55,47 @@ def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
     return data
 
 
+def open_logger(cfg: TrainConfig, spec: str, controller: Any, *, name: str = "", group: str = "",
+                wandb_dir: str | Path | None = None, extra_config: dict[str, Any] | None = None,
+                resume_iter: int | None = None) -> Any:
+    """The run's logger (``metrics.jsonl`` in ``cfg.out``, and a wandb run): named ``name`` (default
+    :func:`run_name`) in group ``group`` (default ``cfg.wandb_group`` or the preset), written under ``wandb_dir``
+    (default ``cfg.out``); its config is ``cfg``, the controller's name, spec and parameters, and ``extra_config``.
+    ``resume_iter``: keep the records up to this iteration (a resumed run)."""
+    from gpt.tracking import RunLogger
+
+    config = {**asdict(cfg), "controller": controller.name, "controller_spec": spec,
+              **{f"controller.{k}": v for k, v in controller.params().items()}, **(extra_config or {})}
+    return RunLogger(cfg.out, mode=cfg.wandb, project=cfg.wandb_project, group=group or cfg.wandb_group or cfg.preset,
+                     name=name or run_name(cfg, spec), config=config, resume_iter=resume_iter, wandb_dir=wandb_dir)
+
+
+def write_result(out: str | Path, logger: Any, summary: dict[str, Any], sample: str | None) -> dict[str, Any]:
+    """A finished run's last files: ``sample.txt`` (empty without a sample), then ``summary.json`` and the wandb
+    summary (:meth:`gpt.tracking.RunLogger.finish`). Returns ``summary``."""
+    (Path(out) / "sample.txt").write_text(sample or "")
+    logger.finish(summary)
+    return summary
+
+
 def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[str, Any] | None = None,
                  name: str = "", group: str = "", extra_config: dict[str, Any] | None = None,
                  wandb_dir: str | Path | None = None) -> Any:
-    """A ``Trainer`` for the controller ``spec`` writing into ``cfg.out``, with its logger open, ready to
-    ``train()``.
+    """A ``Trainer`` for the controller ``spec`` writing into ``cfg.out``, with its logger open
+    (:func:`open_logger`), ready to ``train()``.
 
     A fresh run (``ckpt`` None) expects ``cfg.out`` to hold no run (the caller clears it); a resumed one loads
-    ``ckpt`` and keeps the records up to the checkpoint. The wandb run is named ``name`` (default :func:`run_name`) in group
-    ``group`` (default ``cfg.wandb_group`` or the preset), written under ``wandb_dir`` (default
-    ``cfg.out``); its config is ``cfg``, the controller's parameters and ``extra_config``.
+    ``ckpt`` and keeps the records up to the checkpoint.
 
     :param data: a ``CharData`` on the config's device to share between runs; loaded if None.
     """
     from gpt.data import shared_data
-    from gpt.tracking import RunLogger
     from gpt.trainer import Trainer, resolve_device  # torch is imported only by code that trains
 
     controller = make_controller(spec)
     data = data if data is not None else shared_data(cfg.data, resolve_device(cfg.device))  # may fail: nothing written yet
-    config = {**asdict(cfg), "controller": controller.name, "controller_spec": spec,
-              **{f"controller.{k}": v for k, v in controller.params().items()}, **(extra_config or {})}
-    logger = RunLogger(cfg.out, mode=cfg.wandb, project=cfg.wandb_project,
-                       group=group or cfg.wandb_group or cfg.preset, name=name or run_name(cfg, spec),
-                       config=config, resume_iter=ckpt["iteration"] if ckpt is not None else None,
-                       wandb_dir=wandb_dir)
+    logger = open_logger(cfg, spec, controller, name=name, group=group, wandb_dir=wandb_dir, extra_config=extra_config,
+                         resume_iter=ckpt["iteration"] if ckpt is not None else None)
     try:
         trainer = Trainer(cfg, controller, data=data, logger=logger, meta={"controller": spec})
         if ckpt is not None:
@@ -92,7 +109,7 @@ def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[st
 
 
 def train_and_save(trainer: Any, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train to the end, then write ``sample.txt`` and ``summary.json`` (also the wandb summary).
+    """Train to the end, then write ``sample.txt`` and ``summary.json`` (:func:`write_result`).
 
     On any exception (``Diverged``, ``KeyboardInterrupt``) the logger is closed without a summary and
     the exception propagates.
@@ -102,10 +119,8 @@ def train_and_save(trainer: Any, extra_summary: dict[str, Any] | None = None) ->
     except BaseException:
         trainer.logger.close()
         raise
-    (Path(trainer.cfg.out) / "sample.txt").write_text(trainer.inference.text if trainer.inference else "")
     summary.update(extra_summary or {})
-    trainer.logger.finish(summary)
-    return summary
+    return write_result(trainer.cfg.out, trainer.logger, summary, trainer.inference.text if trainer.inference else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +149,7 @@ class Trial:
 
 
 def _comparable(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    d = asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    d = canonical_settings(asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg))
     return {k: v for k, v in d.items() if k not in UNCOMPARED_SETTINGS}
 
 
@@ -185,6 +200,53 @@ class TrialJob:
     threads: int | None
     wandb_dir: str | None = None
     warm_up: bool = True
+    executor: str = "local"
+
+
+class TrialFolder:
+    """A trial's folder, written in the same order by every kind of trial (a single run, a member of a batched
+    population, a PBT row): :meth:`start` writes ``trial.json`` (what was asked) into an emptied folder, the run
+    then writes its records and wandb run through :meth:`logger`, and :meth:`finish` (``sample.txt``, then
+    ``summary.json``) or :meth:`diverge` (``diverged.json``) comes last. So a folder with ``trial.json`` and
+    neither result is an interrupted trial, redone from scratch on the next run (:func:`trial_status`).
+
+    :param job: the trial (``job.cfg.out`` is its folder).
+    """
+
+    def __init__(self, job: TrialJob) -> None:
+        self.job, self.out = job, Path(job.cfg.out)
+
+    def start(self) -> None:
+        """Empty the folder (an interrupted attempt starts again) and write ``trial.json``."""
+        clear_run_folder(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "trial.json", {"config": asdict(self.job.cfg), "controller": self.job.spec,
+                                             "policy_sha256": policy_digest(self.job.spec)})
+
+    def facts(self) -> dict[str, Any]:
+        """What every trial's wandb config and summary record about how it ran."""
+        return {"comparison": self.job.comparison, "concurrent_trials": self.job.concurrent,
+                "executor": self.job.executor}
+
+    def logger(self, controller: Any, extra_config: dict[str, Any] | None = None) -> Any:
+        """The trial's logger (:func:`open_logger`), named and grouped as the comparison asks."""
+        return open_logger(self.job.cfg, self.job.spec, controller, name=self.job.name, group=self.job.group,
+                           wandb_dir=self.job.wandb_dir, extra_config={**self.facts(), **(extra_config or {})})
+
+    def finish(self, logger: Any, summary: dict[str, Any], sample: str | None) -> dict[str, Any]:
+        """The trial's result: ``sample.txt`` and ``summary.json`` with the trial's facts (:func:`write_result`)."""
+        import torch
+
+        summary.update(controller_spec=self.job.spec, torch_threads=self.job.threads or torch.get_num_threads(),
+                       **self.facts())
+        return write_result(self.out, logger, summary, sample)
+
+    def diverge(self, logger: Any, error: str, iteration: int | None) -> dict[str, Any]:
+        """The trial diverged: close its logger and write ``diverged.json``; returns ``{"diverged": error}``."""
+        if logger is not None:
+            logger.close()
+        write_json(self.out / "diverged.json", {"error": error, "iteration": iteration})
+        return {"diverged": error}
 
 
 _WARMED: set[tuple[Any, ...]] = set()
@@ -193,14 +255,13 @@ _WARMED: set[tuple[Any, ...]] = set()
 def warm_up(cfg: TrainConfig) -> None:
     """Train a throwaway 2-step run once per process and config shape, untimed and unlogged.
 
-    The first training run in a process pays one-time costs inside its timed loop: torch.compile
-    (tens of seconds for the paper preset on a GPU), CUDA context and kernel loading, allocator
-    growth. Without this the first trial of every worker looks slower than the rest (seen on an H200:
-    22.7 s vs 16.4 s of train time for two 300-step paper runs), which would bias the time columns
-    against whichever controller happens to come first. Compiled graphs are reused by later models of
-    the same shape, so the real trials start warm. The model compiles one graph with dropout on and
-    one with it off (rate 0), so the warm-up runs one step of each; graphs for per-layer mixes of zero
-    and non-zero rates are still compiled by the trial that first uses them.
+    The first training run in a process pays one-time costs inside its timed loop: torch.compile, CUDA context
+    and kernel loading, allocator growth (docs/results.md has the figure that showed it). Without this the first
+    trial of every worker looks slower than the rest, which would bias the time columns against whichever
+    controller happens to come first. Compiled graphs are reused by later models of the same shape, so the real
+    trials start warm. The model compiles one graph with dropout on and one with it off (rate 0), so the warm-up
+    evaluates and trains one step of each; graphs for per-layer mixes of zero and non-zero rates are still
+    compiled by the trial that first uses them.
     """
     from gpt.data import shared_data
     from gpt.trainer import Diverged, Trainer, resolve_device
@@ -209,84 +270,75 @@ def warm_up(cfg: TrainConfig) -> None:
            cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.bias)
     if key in _WARMED:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        short = dataclasses.replace(cfg, max_iters=2, lr_decay_iters=2, eval_interval=1, control_interval=1,
-                                    eval_iters=1, gen_tokens=min(cfg.gen_tokens, 8), out=tmp, checkpoint=False,
-                                    progress=False, wandb="disabled")
-        # dropout on for the first step and off for the second: the model compiles a graph for each
-        try:
-            Trainer(short, make_controller("early:rate=0.1,cutoff=0.5"),
-                    data=shared_data(cfg.data, resolve_device(cfg.device))).train()
-        except Diverged:
-            pass  # the settings diverge: the trials will diverge too, and are recorded as such
+    short = dataclasses.replace(cfg, max_iters=2, eval_iters=1, out="", checkpoint=False, progress=False,
+                                wandb="disabled")
+    trainer = Trainer(short, data=shared_data(cfg.data, resolve_device(cfg.device)))
+    try:
+        trainer.evaluate()
+        for rate in (0.1, 0.0):  # a graph with dropout on, and one with it off
+            trainer.set_dropout(rate)
+            trainer.advance(1)
+    except Diverged:
+        pass  # the settings diverge: the trials will diverge too, and are recorded as such
     _WARMED.add(key)
 
 
 def run_trial(job: TrialJob) -> dict[str, Any]:
-    """Train one trial into ``job.cfg.out``; returns its summary (``{"diverged": msg}`` if it diverged).
-
-    Writes ``trial.json`` (settings) first and ``summary.json`` or ``diverged.json`` last, so a folder
-    with neither is an interrupted trial, retrained from scratch on the next run.
-    """
+    """Train one trial into its :class:`TrialFolder` (``job.cfg.out``); returns its summary
+    (``{"diverged": msg}`` if it diverged)."""
     import torch
 
     from gpt.data import shared_data
-    from gpt.trainer import Diverged, resolve_device
+    from gpt.trainer import Diverged, Trainer, resolve_device
 
     if job.threads:
         torch.set_num_threads(job.threads)
     cfg = job.cfg
     if job.warm_up:
         warm_up(cfg)
-    clear_run_folder(cfg.out)  # an interrupted attempt starts again from scratch
-    trainer = make_trainer(cfg, job.spec, data=shared_data(cfg.data, resolve_device(cfg.device)), name=job.name,
-                           group=job.group, wandb_dir=job.wandb_dir,
-                           extra_config={"comparison": job.comparison, "concurrent_trials": job.concurrent})
-    out = Path(cfg.out)
-    write_json(out / "trial.json", {"config": asdict(cfg), "controller": job.spec,
-                                    "policy_sha256": policy_digest(job.spec)})
+    folder = TrialFolder(job)
+    folder.start()
+    controller = make_controller(job.spec)
+    logger = folder.logger(controller)
+    trainer = None
     try:
-        return train_and_save(trainer, {"controller_spec": job.spec, "comparison": job.comparison,
-                                        "concurrent_trials": job.concurrent, "torch_threads": torch.get_num_threads()})
+        trainer = Trainer(cfg, controller, data=shared_data(cfg.data, resolve_device(cfg.device)), logger=logger,
+                          meta={"controller": job.spec})
+        summary = trainer.train()
+        return folder.finish(logger, summary, trainer.inference.text if trainer.inference else None)
     except Diverged as e:
-        write_json(out / "diverged.json", {"error": str(e), "iteration": trainer.iteration})
-        return {"diverged": str(e)}
+        return folder.diverge(logger, str(e), trainer.iteration)
     finally:
+        logger.close()  # a no-op once finished; after Ctrl-C or a bug it closes the files
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
 def run_population(jobs: list[TrialJob], bar: Any = None) -> list[dict[str, Any]]:
-    """Train trials that share every setting but the seed and the controller as one population
-    (:class:`gpt.population.PopulationTrainer`): one batched model, each member with its own controller,
-    writing its trial folder as :func:`run_trial` does. Returns each trial's summary (``{"diverged": msg}`` for
-    a member that diverged). Times are the population's, shared by its members.
+    """Train trials that share every setting but the seed and the controller as one batched model
+    (:class:`gpt.population.PopulationTrainer`), each member with its own controller, writing its
+    :class:`TrialFolder` as :func:`run_trial` does. Returns each trial's summary (``{"diverged": msg}`` for a
+    member that diverged). Times are the batched run's, shared by its members.
     """
     import torch
 
     from gpt.data import shared_data
     from gpt.population import PopulationTrainer
-    from gpt.tracking import RunLogger
     from gpt.trainer import resolve_device
 
     cfg = jobs[0].cfg
     if any(_comparable(j.cfg) != _comparable(dataclasses.replace(cfg, seed=j.cfg.seed)) for j in jobs):
-        raise ValueError("a population's trials must share every setting but the seed")
+        raise ValueError("a batched population's trials must share every setting but the seed")
     if jobs[0].threads:
         torch.set_num_threads(jobs[0].threads)
     data = shared_data(cfg.data, resolve_device(cfg.device))
     controllers = [make_controller(j.spec) for j in jobs]
+    folders = [TrialFolder(j) for j in jobs]
     loggers = []
-    for job, controller in zip(jobs, controllers):
-        clear_run_folder(job.cfg.out)  # an interrupted attempt starts again from scratch
-        config = {**asdict(job.cfg), "controller": controller.name, "controller_spec": job.spec,
-                  **{f"controller.{k}": v for k, v in controller.params().items()},
-                  "comparison": job.comparison, "concurrent_trials": len(jobs), "executor": "population"}
-        loggers.append(RunLogger(job.cfg.out, mode=job.cfg.wandb, project=job.cfg.wandb_project, group=job.group,
-                                 name=job.name, config=config, wandb_dir=job.wandb_dir))
-        write_json(Path(job.cfg.out) / "trial.json", {"config": asdict(job.cfg), "controller": job.spec,
-                                                      "policy_sha256": policy_digest(job.spec)})
+    for folder, controller in zip(folders, controllers):
+        folder.start()
+        loggers.append(folder.logger(controller))
     try:
         pop = PopulationTrainer(cfg, [j.cfg.seed for j in jobs], controllers, data=data)
         summaries = pop.train(loggers, bar)
@@ -294,22 +346,9 @@ def run_population(jobs: list[TrialJob], bar: Any = None) -> list[dict[str, Any]
         for logger in loggers:
             logger.close()
         raise
-    results = []
-    for k, (job, logger, summary) in enumerate(zip(jobs, loggers, summaries)):
-        out = Path(job.cfg.out)
-        if summary is None:
-            logger.close()
-            write_json(out / "diverged.json", {"error": "the loss became NaN or infinite",
-                                               "iteration": pop.iterations[k]})
-            results.append({"diverged": "the loss became NaN or infinite"})
-            continue
-        inference = pop.inference[k]
-        (out / "sample.txt").write_text(inference.text if inference else "")
-        summary.update(controller_spec=job.spec, comparison=job.comparison, concurrent_trials=len(jobs),
-                       torch_threads=torch.get_num_threads(), executor="population")
-        logger.finish(summary)
-        results.append(summary)
-    return results
+    return [folder.diverge(logger, "the loss became NaN or infinite", pop.iterations[k]) if summary is None
+            else folder.finish(logger, summary, pop.inference[k].text if pop.inference[k] else None)
+            for k, (folder, logger, summary) in enumerate(zip(folders, loggers, summaries))]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,11 +73,34 @@ class TrainConfig:
     wandb_group: str = option("", "wandb group; default <preset>")
 
     def __post_init__(self) -> None:
-        if self.lr_decay_iters == 0:
-            self.lr_decay_iters = self.max_iters
-        if self.control_interval == 0:
-            self.control_interval = self.eval_interval
         check_config(self)
+
+    # Derived settings are computed where they are read, never stored: ``dataclasses.replace(cfg, max_iters=...)``
+    # then moves the cosine decay with the run, as a fresh config would.
+    @property
+    def decay_iters(self) -> int:
+        """Length of the cosine learning-rate decay, in steps: ``lr_decay_iters``, or ``max_iters`` for 0."""
+        return self.lr_decay_iters or self.max_iters
+
+    @property
+    def control_every(self) -> int:
+        """Steps between control steps: ``control_interval``, or ``eval_interval`` for 0."""
+        return self.control_interval or self.eval_interval
+
+
+DERIVED = {"lr_decay_iters": "max_iters", "control_interval": "eval_interval"}
+"""Settings whose 0 means "the same as another one" (see ``TrainConfig.decay_iters`` and ``control_every``)."""
+
+
+def canonical_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a config as a dict, from ``asdict`` or a saved file) with every derived setting that equals
+    what it derives from written as 0. Two configs that train the same run compare equal this way, whether they
+    were saved before derived settings stopped being stored (which wrote the resolved number) or after."""
+    out = dict(values)
+    for name, source in DERIVED.items():
+        if name in out and source in out and out[name] == out[source]:
+            out[name] = 0
+    return out
 
 
 MAX_SEED = 2**63 - 2**20
@@ -91,7 +114,7 @@ _CHOICES = {
 }
 _AT_LEAST = {  # integer settings and their smallest value
     "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 2, "batch_size": 1, "eval_interval": 1,
-    "eval_iters": 1, "eval_merge": 1, "control_interval": 1, "log_interval": 1, "max_iters": 0,
+    "eval_iters": 1, "eval_merge": 1, "control_interval": 0, "log_interval": 1, "max_iters": 0,
     "warmup_iters": 0, "lr_decay_iters": 0, "gen_tokens": 0, "train_chars": 0, "seed": 0,
 }
 _AT_MOST = {  # caps on what a run allocates or runs in proportion to a setting (beyond them: an out-of-memory

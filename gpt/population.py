@@ -32,12 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from controllers import Controller, TrainingStats, check_rate
+from controllers import Controller, HoldRate, TrainingStats, check_rate
 
 from .config import TrainConfig
 from .data import CharData
 from .model import GPT, random_bits, scaled_keep_mask
-from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, control_record, data_streams, full_val_loss,
+from .tracking import control_record, eval_record, train_record
+from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, data_streams, full_val_loss,
                       initial_model, lr_at, measure_inference, resolve_precision, run_summary)
 
 
@@ -213,8 +214,8 @@ class PopulationTrainer:
 
     :param cfg: the shared settings (``cfg.seed`` is ignored: each member has its own).
     :param seeds: one seed per member.
-    :param controllers: one controller per member, or None where the caller sets the rates
-        (:meth:`set_dropout`, the RL env).
+    :param controllers: one controller per member; None (for all, or for a member) =
+        :class:`controllers.HoldRate`, which keeps the rates the caller sets (:meth:`set_dropout`, the RL env).
     :param data: the dataset on ``cfg``'s device; loaded from ``cfg.data`` if omitted.
     """
 
@@ -223,9 +224,10 @@ class PopulationTrainer:
         if not seeds:
             raise ValueError("a population needs at least one member")
         self.cfg, self.K = cfg, len(seeds)
-        self.controllers = list(controllers) if controllers is not None else [None] * self.K
-        if len(self.controllers) != self.K:
-            raise ValueError(f"{len(self.controllers)} controllers for {self.K} members")
+        given = list(controllers) if controllers is not None else [None] * self.K
+        if len(given) != self.K:
+            raise ValueError(f"{len(given)} controllers for {self.K} members")
+        self.controllers: list[Controller] = [c if c is not None else HoldRate() for c in given]
         self.device, self.dtype, self.autocast = resolve_precision(cfg)
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
         self.seeds = list(seeds)
@@ -247,8 +249,7 @@ class PopulationTrainer:
         self._ema = torch.zeros(self.K, device=self.device)
         self._ema_steps = [0] * self.K
         for k, c in enumerate(self.controllers):
-            if c is not None:
-                c.reset(cfg.n_layer)
+            c.reset(cfg.n_layer)
             self.set_dropout(k, 0.0)
 
     def _new_member(self, seed: int) -> tuple[GPT, torch.Generator]:
@@ -279,8 +280,7 @@ class PopulationTrainer:
         self._acc[k].zero_()
         self._ema[k].zero_()
         self._ema_steps[k] = 0
-        if self.controllers[k] is not None:
-            self.controllers[k].reset(self.cfg.n_layer)
+        self.controllers[k].reset(self.cfg.n_layer)
         self.set_dropout(k, 0.0)
 
     def stats(self, k: int) -> TrainingStats:
@@ -295,7 +295,7 @@ class PopulationTrainer:
     def control(self) -> list[tuple[float, ...]]:
         """Ask each member's controller for its next rate and apply it; returns every member's rates."""
         for k, c in enumerate(self.controllers):
-            if c is not None and not self.diverged[k]:
+            if not self.diverged[k]:
                 self.set_dropout(k, c.update(self.stats(k)))
         return list(self.model.rates)
 
@@ -336,9 +336,8 @@ class PopulationTrainer:
             h.last_train_loss, h.grad_norm = loss_sum / n, gn_sum / n
             if not math.isfinite(loss_sum):
                 self.diverged[k] = True
-            records.append({"iter": self.iterations[k], "train/loss": loss_sum / n,
-                            "train/loss_smoothed": h.train_loss_smoothed, "train/grad_norm": gn_sum / n,
-                            "train/lr": lr_at(self.cfg, self.iterations[k] - 1)})
+            records.append(train_record(self.iterations[k], loss_sum / n, h.train_loss_smoothed, gn_sum / n,
+                                        lr_at(self.cfg, self.iterations[k] - 1)))
         return records
 
     def advance(self, n_iters: int) -> list[list[dict[str, float]]]:
@@ -418,21 +417,19 @@ class PopulationTrainer:
             members), or None for a member that diverged.
         """
         cfg = self.cfg
-        if any(c is None for c in self.controllers) or len(set(self.iterations)) > 1:
-            raise RuntimeError("train() needs a controller per member and every member at the same iteration")
+        if len(set(self.iterations)) > 1:
+            raise RuntimeError("train() needs every member at the same iteration")
         loggers = list(loggers) if loggers is not None else [None] * self.K
         t_start = time.perf_counter()
         while True:
             it = self.iterations[0]
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                wall = time.perf_counter() - t_start
-                for k, r in enumerate(self.evaluate()):
+                results = self.evaluate()
+                for k, r in enumerate(results):
+                    self.histories[k].wall_time_s = time.perf_counter() - t_start
                     if r is not None and loggers[k] is not None:
-                        h = self.histories[k]
-                        loggers[k].log({"iter": it, "train/eval_loss": r["train_loss"], "val/loss": r["val_loss"],
-                                        "val/gap": r["val_loss"] - r["train_loss"], "val/best_loss": h.best_val_loss,
-                                        "perf/tokens_per_s": h.tokens_per_s, "perf/wall_time_s": wall})
-            if it < cfg.max_iters and it % cfg.control_interval == 0:
+                        loggers[k].log(eval_record(it, r["train_loss"], r["val_loss"], self.histories[k]))
+            if it < cfg.max_iters and it % cfg.control_every == 0:
                 self.control()
                 for k, logger in enumerate(loggers):
                     if logger is not None and not self.diverged[k]:
@@ -442,7 +439,7 @@ class PopulationTrainer:
             if it >= cfg.max_iters or all(self.diverged):
                 break
             next_stop = min(cfg.max_iters, (it // cfg.eval_interval + 1) * cfg.eval_interval,
-                            (it // cfg.control_interval + 1) * cfg.control_interval)
+                            (it // cfg.control_every + 1) * cfg.control_every)
             for k, records in enumerate(self.advance(next_stop - it)):
                 for record in records:
                     if loggers[k] is not None and not self.diverged[k]:
@@ -465,5 +462,5 @@ class PopulationTrainer:
         self.inference[k] = inference
         summary = run_summary(member_cfg, h, self.iterations[k], self.controllers[k], inference, self.device,
                               self.data, list(self.model.rates[k]), compile=False, recompiles=0)
-        summary["population"] = self.K
+        summary["batched_members"] = self.K  # K runs trained as one batched model (PBT's own is pbt_population)
         return summary

@@ -11,9 +11,43 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dyndrop import UserError, json_safe, write_json
+
+
+# --------------------------------------------------------------------------------------------------
+# The records: one builder per kind, used by every path that trains (the trainer, the population trainer, a
+# PBT member), so a record means the same wherever it was written.
+
+
+def eval_record(iteration: int, train_loss: float, val_loss: float, history: Any) -> dict[str, Any]:
+    """The record of an evaluation at ``iteration``: the fixed-batch losses (dropout off, nats per token), the gap
+    between them, the best val loss so far, the last training throughput and the wall time of the run so far, as
+    ``history`` (a :class:`gpt.trainer.TrainingHistory`) holds them."""
+    return {"iter": iteration, "train/eval_loss": train_loss, "val/loss": val_loss, "val/gap": val_loss - train_loss,
+            "val/best_loss": history.best_val_loss, "perf/tokens_per_s": history.tokens_per_s,
+            "perf/wall_time_s": history.wall_time_s}
+
+
+def train_record(iteration: int, loss: float, loss_smoothed: float, grad_norm: float, lr: float) -> dict[str, Any]:
+    """The record of a log interval ending at ``iteration``: mean training loss (dropout on), its moving average,
+    mean gradient norm before clipping, and the learning rate of the interval's last step."""
+    return {"iter": iteration, "train/loss": loss, "train/loss_smoothed": loss_smoothed, "train/grad_norm": grad_norm,
+            "train/lr": lr}
+
+
+def rate_record(iteration: int, rates: Sequence[float]) -> dict[str, Any]:
+    """The record of the rates set at ``iteration``: the mean over layers, and each layer's when they differ."""
+    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
+    if len(set(rates)) > 1:
+        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
+    return record
+
+
+def control_record(iteration: int, rates: Sequence[float], controller: Any) -> dict[str, Any]:
+    """The record of a control step: :func:`rate_record` and the controller's internals (``controller/<key>``)."""
+    return {**rate_record(iteration, rates), **{f"controller/{k}": v for k, v in controller.internals().items()}}
 
 
 def wandb_mode(requested: str) -> str:

@@ -24,13 +24,13 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from controllers import Controller, Rate, TrainingStats, check_rate
+from controllers import Controller, HoldRate, Rate, TrainingStats, check_rate
 from dyndrop import UserError
 
 from .config import TrainConfig
 from .data import BatchSampler, CharData, EvalBatches, fixed_eval_batches
 from .model import GPT, GPTConfig
-from .tracking import RunLogger
+from .tracking import RunLogger, control_record, eval_record, train_record
 
 EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
 CHECKPOINT_VERSION = 1
@@ -260,12 +260,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def lr_at(cfg: TrainConfig, it: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT)."""
+    """Linear warmup, then cosine decay to ``min_lr`` at ``cfg.decay_iters`` (nanoGPT)."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
+    if it > cfg.decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1)
+    ratio = (it - cfg.warmup_iters) / max(cfg.decay_iters - cfg.warmup_iters, 1)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -292,8 +292,8 @@ class Trainer:
     """Trains one GPT under one controller.
 
     :param cfg: the run's settings.
-    :param controller: chooses the dropout rate at every control step; None when the caller sets the rate
-        itself with :meth:`set_dropout` (the RL env), which leaves :meth:`train` and :meth:`control` unusable.
+    :param controller: chooses the dropout rate at every control step; None = :class:`controllers.HoldRate`, which
+        keeps whatever rate the caller sets with :meth:`set_dropout` (the RL env, a PBT member).
     :param data: the dataset on ``cfg``'s device; loaded from ``cfg.data`` if omitted (share it across
         trainers to avoid re-reading).
     :param logger: where records go; None = nowhere (RL episodes).
@@ -302,7 +302,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, controller: Controller | None = None, data: CharData | None = None,
                  logger: RunLogger | None = None, meta: dict[str, Any] | None = None) -> None:
-        self.cfg, self.controller, self.logger = cfg, controller, logger
+        self.cfg, self.logger = cfg, logger
+        self.controller: Controller = controller if controller is not None else HoldRate()
         self.meta = meta or {}  # saved in checkpoints as is (e.g. the controller spec to rebuild it)
         self.device, self.dtype, self.autocast = resolve_precision(cfg)
         self.data = data if data is not None else CharData.load(cfg.data, device=self.device)
@@ -329,8 +330,7 @@ class Trainer:
         self._warm: set[str] = set()
         self._resumed = False
         self.checkpoints = CheckpointWriter()
-        if controller is not None:
-            controller.reset(cfg.n_layer)
+        self.controller.reset(cfg.n_layer)
         self.model.set_dropout(0.0)
 
     # -- the pieces ---------------------------------------------------------------------------
@@ -424,8 +424,8 @@ class Trainer:
         h.grad_norm = gn_sum / n
         if not math.isfinite(loss_sum):
             raise Diverged(f"training loss is {loss_sum / n} at iteration {self.iteration}")
-        return {"iter": self.iteration, "train/loss": loss_sum / n, "train/loss_smoothed": h.train_loss_smoothed,
-                "train/grad_norm": gn_sum / n, "train/lr": self.lr_at(self.iteration - 1)}
+        return train_record(self.iteration, loss_sum / n, h.train_loss_smoothed, gn_sum / n,
+                            self.lr_at(self.iteration - 1))
 
     def advance(self, n_iters: int, bar: Any = None) -> None:
         """Train ``n_iters`` steps at the current rate, logging every ``log_interval`` steps."""
@@ -454,8 +454,6 @@ class Trainer:
 
     def control(self) -> tuple[float, ...]:
         """Ask the controller for the next rate, apply it, log the rates and the controller's internals."""
-        if self.controller is None:
-            raise RuntimeError("this Trainer has no controller; set the rate with set_dropout()")
         rates = self.model.set_dropout(self.controller.update(self.stats()))  # update() checked them
         if self.logger:
             self.logger.log(control_record(self.iteration, rates, self.controller))
@@ -478,8 +476,6 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to ``max_iters``; returns the summary. Raises ``Diverged`` after saving nothing new."""
         cfg = self.cfg
-        if self.controller is None:
-            raise RuntimeError("train() needs a controller; without one, drive the run with advance()/evaluate()")
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -495,13 +491,10 @@ class Trainer:
                     is_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
                     if is_eval:
                         result = self.evaluate()
+                        self.history.wall_time_s = time.perf_counter() - t_start
                         if self.logger:
-                            self.logger.log({"iter": it, "train/eval_loss": result["train_loss"],
-                                             "val/loss": result["val_loss"], "val/gap": result["val_loss"] - result["train_loss"],
-                                             "val/best_loss": self.history.best_val_loss,
-                                             "perf/tokens_per_s": self.history.tokens_per_s,
-                                             "perf/wall_time_s": time.perf_counter() - t_start})
-                    if it < cfg.max_iters and it % cfg.control_interval == 0:
+                            self.logger.log(eval_record(it, result["train_loss"], result["val_loss"], self.history))
+                    if it < cfg.max_iters and it % cfg.control_every == 0:
                         self.control()
                     self.history.wall_time_s = time.perf_counter() - t_start
                     if is_eval and cfg.checkpoint:
@@ -509,7 +502,7 @@ class Trainer:
                 if it >= cfg.max_iters:
                     break
                 next_stop = min(cfg.max_iters, (it // cfg.eval_interval + 1) * cfg.eval_interval,
-                                (it // cfg.control_interval + 1) * cfg.control_interval)
+                                (it // cfg.control_every + 1) * cfg.control_every)
                 self.advance(next_stop - it, bar)
         finally:
             if bar is not None:
@@ -550,7 +543,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "rates": list(self.model.rates), "controller": self.controller.state_dict(),
-            "controller_name": self.controller.name if self.controller else None, "data": self.data.record(),
+            "controller_name": self.controller.name, "data": self.data.record(),
             "history": asdict(self.history), "meta": self.meta,
             "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
@@ -632,20 +625,6 @@ class Trainer:
                 self.best_weights = {k: v.to(self.device) for k, v in saved["model"].items() if k in names}
 
 
-def rate_record(iteration: int, rates: Sequence[float]) -> dict[str, Any]:
-    """The metrics record of the rates set at ``iteration``: the mean over layers, and each layer's when they
-    differ."""
-    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
-    if len(set(rates)) > 1:
-        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
-    return record
-
-
-def control_record(iteration: int, rates: Sequence[float], controller: Controller) -> dict[str, Any]:
-    """The metrics record of a control step: :func:`rate_record` and the controller's internals."""
-    return {**rate_record(iteration, rates), **{f"controller/{k}": v for k, v in controller.internals().items()}}
-
-
 @torch.no_grad()
 def full_val_loss(model: GPT, cfg: TrainConfig, data: CharData, autocast: Any,
                   weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
@@ -695,7 +674,7 @@ def measure_inference(model: GPT, cfg: TrainConfig, data: CharData) -> Inference
     return InferenceSample(cfg.gen_tokens / dt, data.decode(out[0].tolist()))
 
 
-def run_summary(cfg: TrainConfig, h: TrainingHistory, iterations: int, controller: Controller | None,
+def run_summary(cfg: TrainConfig, h: TrainingHistory, iterations: int, controller: Controller,
                 inference: InferenceSample | None, device: torch.device, data: CharData, final_rates: list[float],
                 compile: bool, recompiles: int) -> dict[str, Any]:
     """A run's figures, as ``summary.json`` holds them."""
@@ -709,8 +688,7 @@ def run_summary(cfg: TrainConfig, h: TrainingHistory, iterations: int, controlle
         "train_tokens_per_s": h.tokens / h.train_time_s if h.train_time_s else math.nan,
         "inference_tokens_per_s": inference.tokens_per_s if inference else math.nan,
         "recompiles": recompiles, "iterations": iterations,
-        "controller": controller.name if controller else None,
-        "controller_params": controller.params() if controller else {},
+        "controller": controller.name, "controller_params": controller.params(),
         "preset": cfg.preset, "seed": cfg.seed, "device": str(device), "data": data.record(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "compile": compile, "torch": torch.__version__, "final_rates": final_rates,

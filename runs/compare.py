@@ -39,10 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="the comparison's folder; default results/<preset>")
     p.add_argument("--name", default="", help="comparison name, also the wandb group compare-<name>; "
                                               "default the --out folder's name")
-    p.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="local: trials one after another in this process, or --jobs worker processes at once; "
-                        "population: --population trials at a time trained as one batched model; ray: each trial "
-                        "a Ray task on a local Ray instance or the cluster at --address")
+    p.add_argument("--executor", default="local", choices=list(EXECUTORS),
+                   help="; ".join(f"{name}: {cls.summary}" for name, cls in EXECUTORS.items()))
     p.add_argument("--population", type=int, default=8, help="with --executor population: trials per population")
     p.add_argument("--address", default=None, help="with --executor ray: the cluster, auto or HOST:PORT; "
                                                    "default a local Ray instance started for the comparison")
@@ -103,22 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_comparison(comparison, cfg.progress)
 
 
-def at_a_time(comparison: Comparison) -> str:
-    if comparison.executor == "ray":
-        return (f"Ray tasks of {comparison.cpus_per_trial:g} CPU + {comparison.gpus_per_trial:g} GPU "
-                f"on {comparison.address or 'a local Ray instance'}")
-    if comparison.executor == "population":
-        return f"populations of up to {comparison.population} trials (one batched model each)"
-    return f"{comparison.jobs} at a time"
-
-
 def run_comparison(comparison: Comparison, progress: bool) -> int:
     """Run the pending trials with a progress bar, then write and print the table."""
     pending = comparison.pending()
     total = len(comparison.trials)
     print(f"{comparison.name}: {len(comparison.specs)} controllers × {len(comparison.seeds)} seeds = {total} trials, "
           f"{total - len(pending)} already finished; preset {comparison.cfg.preset}, {comparison.cfg.max_iters} "
-          f"iterations, {at_a_time(comparison)}, out {comparison.out}, wandb group {comparison.group}")
+          f"iterations, {comparison.runner.describe()}, out {comparison.out}, wandb group {comparison.group}")
 
     from tqdm.auto import tqdm
 
@@ -133,8 +122,7 @@ def run_comparison(comparison: Comparison, progress: bool) -> int:
     steps = None
     populations = [t for t in pending if is_pbt(t.spec)]
     iters = sum(pbt_settings(t.spec).population for t in populations) * comparison.cfg.max_iters
-    if comparison.executor == "population":
-        iters += comparison.cfg.max_iters * -(-(len(pending) - len(populations)) // comparison.population)
+    iters += comparison.runner.batched_iterations(len(pending) - len(populations))
     if iters:  # a second bar: the iterations of populations (batched, or PBT's)
         steps = tqdm(total=iters, desc="iterations", unit="it", dynamic_ncols=True, disable=not progress)
     try:

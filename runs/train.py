@@ -74,6 +74,8 @@ def resumed_settings(ckpt: dict[str, Any], path: Path, args: argparse.Namespace,
                         f"{'; '.join(differ)}; drop them, or start a new run in another --out")
     if given.get("max_iters", saved["max_iters"]) < ckpt["iteration"]:
         raise UserError(f"--max-iters {given['max_iters']} is below the checkpoint's iteration {ckpt['iteration']}")
+    # the learning-rate schedule keeps the length the run started with, whatever --max-iters says now
+    saved["lr_decay_iters"] = saved.get("lr_decay_iters") or saved["max_iters"]
     saved.update({k: given[k] for k in CHANGEABLE_ON_RESUME if k in given})
     try:
         return TrainConfig(**saved), saved_spec

@@ -76,6 +76,18 @@ def test_a_pbt_row_writes_a_trial_whose_rate_changes_where_members_exploit(tmp_p
     assert row["compute_iters"] == 80 and table["meta"]["sweep_compute_iters"] == 2 * 40
     assert "compute (iters)" in (out / "results.md").read_text()
 
+    # its evaluations carry the lineage's wall time, as a single run's do, so its time to target is a number
+    walls = [r["perf/wall_time_s"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+             if "val/loss" in r]
+    assert len(walls) == 5 and all(w > 0 for w in walls) and walls == sorted(walls)
+    pbt_trial = next(t for t in table["trials"] if t["controller"] == spec)
+    assert (pbt_trial["secs_to_target"] is None) == (pbt_trial["iters_to_target"] is None)
+    from experiments.comparison import Comparison
+
+    result = next(r for r in Comparison.load(out).results() if r.trial.spec == spec)
+    assert result.to_target(10.0) == (0.0, walls[0])  # every evaluation is below 10 nats: the first one's time
+    assert summary["pbt_population"] == 2 and "population" not in summary and summary["executor"] == "ray-tune-pbt"
+
 
 @pytest.mark.slow
 def test_per_layer_pbt_mutates_each_layer_on_its_own(tmp_path):
@@ -105,6 +117,29 @@ def test_per_layer_pbt_mutates_each_layer_on_its_own(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "dropout/rate" in r][-1]
     assert json.loads((out / "summary.json").read_text())["final_rates"] == pytest.approx(layers(last))
+
+
+def test_the_drivers_pieces_alone():
+    from experiments.pbt import IterationCounter, clip_rates, final_rates
+
+    assert clip_rates({"rate": 0.48, "other": "x"}, ["rate"], 0.4) == {"rate": 0.4, "other": "x"}
+    assert clip_rates({"rate_0": -0.1, "rate_1": 0.2}, ["rate_0", "rate_1"], 0.4) == {"rate_0": 0.0, "rate_1": 0.2}
+    moved = []
+
+    class Bar:
+        def update(self, n):
+            moved.append(n)
+
+    counter = IterationCounter(Bar())
+    for n in (10, 10, 5):
+        counter.on_trial_result(iteration=1, trials=[], trial=None, result={"step_iters": n})
+    counter.on_trial_result(iteration=1, trials=[], trial=None, result={})
+    assert counter.iters == 25 and moved == [10, 10, 5, 0]
+    records = [{"iter": 0, "dropout/rate": 0.1}, {"iter": 0, "val/loss": 2.0},
+               {"iter": 10, "dropout/rate": 0.2, "dropout/layer_0": 0.1, "dropout/layer_1": 0.3}]
+    assert final_rates(records, 2) == [0.1, 0.3]
+    assert final_rates(records[:2], 2) == [0.1, 0.1]
+    assert final_rates([], 2) is None
 
 
 def test_a_pbt_trial_folder_can_be_cleared_for_a_rerun(tmp_path):
