@@ -370,7 +370,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
         trainer = Trainer(cfg, data=shared_data(cfg.data, device))
         records = restore_member(trainer, best.checkpoint, "the best PBT member's checkpoint")
     trainer.history.wall_time_s = wall
-    trainer.score_best_on_full_val()
+    trainer.score_best()
     if cfg.gen_tokens:
         trainer.inference = trainer.measure_inference()
     summary = pbt_summary(trainer, records, settings, counter.iters)

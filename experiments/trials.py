@@ -49,9 +49,11 @@ def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
         make_controller(spec)
     data = shared_data(cfg.data, resolve_device(cfg.device))
     data.train_split(cfg.train_chars)
-    if len(data.val) <= cfg.block_size:
-        raise UserError(f"--block-size {cfg.block_size} needs more than {cfg.block_size} characters of validation "
-                        f"text, but {data.source} gives {len(data.val)}; use a smaller --block-size or a longer file")
+    for split in ("val", "test"):
+        if len(getattr(data, split)) <= cfg.block_size:
+            raise UserError(f"--block-size {cfg.block_size} needs more than {cfg.block_size} characters of {split} "
+                            f"text (each is half of the last 10 % of the file), but {data.source} gives "
+                            f"{len(getattr(data, split))}; use a smaller --block-size or a longer file")
     return data
 
 
@@ -170,12 +172,28 @@ def trial_status(folder: Path, cfg: TrainConfig, spec: str) -> str:
                if want.get(k) != got.get(k)]
     if saved.get("controller") != spec:
         changes.append(f"controller: {saved.get('controller')} -> {spec}")
-    if saved.get("policy_sha256") != policy_digest(spec):
+    identity = inputs_identity(cfg, spec)
+    if saved.get("policy_sha256") != identity["policy_sha256"]:
         changes.append("the policy file differs")
+    if saved.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
+        changes.append("the --data text differs")
+    if saved.get("numerics", 1) != identity["numerics"]:
+        changes.append(f"the code's numbers changed (numerics version {saved.get('numerics', 1)} -> {identity['numerics']})")
     if changes:
         raise UserError(f"{folder} holds a finished trial with other settings ({', '.join(changes)}); "
                         "use another --out, or delete that folder to retrain it")
     return "diverged" if (folder / "diverged.json").exists() else "done"
+
+
+def inputs_identity(cfg: TrainConfig, spec: str) -> dict[str, Any]:
+    """What decides a trial's numbers beyond its settings and controller spec: the data's sha256, the policy
+    file's (ppo specs), and the code's numerics version (``gpt.trainer.NUMERICS_VERSION``). ``trial.json`` records
+    it, and :func:`trial_status` refuses a finished trial whose identity differs."""
+    from gpt.data import shared_data
+    from gpt.trainer import NUMERICS_VERSION, resolve_device
+
+    return {"data_sha256": shared_data(cfg.data, resolve_device(cfg.device)).sha256,
+            "policy_sha256": policy_digest(spec), "numerics": NUMERICS_VERSION}
 
 
 def policy_digest(spec: str) -> str | None:
@@ -221,7 +239,7 @@ class TrialFolder:
         clear_run_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "trial.json", {"config": asdict(self.job.cfg), "controller": self.job.spec,
-                                             "policy_sha256": policy_digest(self.job.spec)})
+                                             **inputs_identity(self.job.cfg, self.job.spec)})
 
     def facts(self) -> dict[str, Any]:
         """What every trial's wandb config and summary record about how it ran."""

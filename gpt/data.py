@@ -5,8 +5,9 @@ Three parts, read top to bottom:
 - :func:`resolve_dataset` finds the text: a file given with ``--data`` is taken as it is (any UTF-8 text);
   otherwise tinyshakespeare's ``input.txt`` (a folder given with ``--data``, ``$DYNDROP_DATA_DIR``, the user
   cache, or a download into that cache), whose sha256 is checked.
-- :class:`CharData` turns the text into a vocabulary and two token tensors, split 90/10 like nanoGPT's
-  ``data/shakespeare_char/prepare.py``.
+- :class:`CharData` turns the text into a vocabulary and three token tensors: train (the first 90 %, nanoGPT's
+  ``data/shakespeare_char/prepare.py`` split), val (the first half of the last 10 %) and test (its second half).
+  Everything that steers a run reads val; test is read once, at the end, to score the chosen weights.
 - :class:`BatchSampler` draws random training windows, and :func:`fixed_eval_batches` draws one fixed set
   of evaluation windows. Both live entirely on the data's device: the random indices come from a
   ``torch.Generator`` on that device, so a batch never costs a host round trip.
@@ -228,7 +229,18 @@ def read_text_file(path: Path) -> tuple[str, bytes]:
 
 
 class CharData:
-    """A character-level corpus: its vocabulary, and its tokens split into train (first 90 %) and val.
+    """A character-level corpus: its vocabulary, and its tokens split into train, val and test.
+
+    - ``train``: the first 90 % (nanoGPT's training split, to the character).
+    - ``val``: the first half of the last 10 %. Everything that steers a run reads it: the controllers' signals,
+      the choice of the best weights, PBT's exploits, presets and tuning.
+    - ``test``: the second half of the last 10 %. Nothing reads it until the end of a run, which scores the
+      chosen weights on it once (``test_loss``).
+    - ``heldout``: the whole last 10 %, nanoGPT's own validation split; only the checks that compare a figure
+      with nanoGPT's use it (the split sizes in tests/test_data.py).
+
+    The vocabulary is every character of the text, as nanoGPT builds it: the only thing the test split shares with
+    training (a test text over the same characters leaves every step of a run unchanged, tests/test_data.py).
 
     :param text: the whole corpus.
     :param device: where ``train`` and ``val`` live.
@@ -247,8 +259,11 @@ class CharData:
         self.itos: dict[int, str] = dict(enumerate(self.chars))
         tokens = torch.tensor(self.encode(text), dtype=torch.long, device=device)
         n_train = int(len(tokens) * TRAIN_FRACTION)  # nanoGPT's split, to the character
+        n_val = (len(tokens) - n_train) // 2
         self.train: torch.Tensor = tokens[:n_train]
-        self.val: torch.Tensor = tokens[n_train:]
+        self.heldout: torch.Tensor = tokens[n_train:]
+        self.val: torch.Tensor = tokens[n_train:n_train + n_val]
+        self.test: torch.Tensor = tokens[n_train + n_val:]
 
     @classmethod
     def from_text(cls, text: str, device: str | torch.device = "cpu") -> CharData:
@@ -266,6 +281,7 @@ class CharData:
         size and vocabulary, and whether it is tinyshakespeare."""
         return {"source": str(self.source) if self.source else None, "sha256": self.sha256,
                 "chars": self.n_chars, "vocab_size": self.vocab_size,
+                "split_chars": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
                 "dataset": "tinyshakespeare" if self.sha256 == DATA_SHA256 else "own text"}
 
     def train_split(self, n_chars: int = 0) -> torch.Tensor:

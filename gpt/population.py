@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .data import CharData
 from .model import GPT, random_bits, scaled_keep_mask
 from .tracking import control_record, eval_record, train_record
-from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, data_streams, full_val_loss,
+from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, data_streams, score_weights, windows_loss,
                       initial_model, lr_at, measure_inference, resolve_precision, run_summary)
 
 
@@ -449,14 +449,12 @@ class PopulationTrainer:
         return [None if self.diverged[k] else self._finish(k) for k in range(self.K)]
 
     def _finish(self, k: int) -> dict[str, Any]:
-        """Member ``k``'s best weights on the whole validation split, its sample, and its summary."""
+        """Member ``k``'s best weights scored on the whole val and test splits, its sample, and its summary."""
         cfg, h = self.cfg, self.histories[k]
         if self.best_weights[k] is None:  # no evaluation yet: the weights as they are
             self.best_weights[k] = self.model.member_state(k)
-        t0 = time.perf_counter()
-        h.best_val_loss_full, h.full_val_tokens = full_val_loss(
-            self.member_model(k, self.best_weights[k]), cfg, self.data, self.autocast)
-        h.full_val_time_s = time.perf_counter() - t0
+        best = self.member_model(k, self.best_weights[k])
+        score_weights(h, lambda split: windows_loss(best, cfg, getattr(self.data, split), self.autocast))
         member_cfg = dataclasses.replace(cfg, seed=self.seeds[k])
         inference = measure_inference(self.member_model(k), member_cfg, self.data) if cfg.gen_tokens else None
         self.inference[k] = inference

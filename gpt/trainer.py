@@ -34,6 +34,10 @@ from .tracking import RunLogger, control_record, eval_record, train_record
 
 EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
 CHECKPOINT_VERSION = 1
+NUMERICS_VERSION = 2
+"""Bumped by any change that alters the numbers a run produces for the same settings and data (the split, the
+evaluation batches, the model's arithmetic, the optimizer). Reference sweeps record it, and ``runs.suite`` refuses a
+reference made with another one. 1: validation on the whole last 10 %; 2: val and test halves."""
 CHECKPOINT_KEYS = frozenset({"version", "iteration", "config", "model", "optimizer", "scaler", "sampler", "rates",
                              "controller", "controller_name", "history", "meta", "acc", "ema", "ema_steps", "rng"})
 
@@ -60,9 +64,13 @@ class TrainingHistory:
     :param wall_time_s: wall-clock time of the run so far (``train`` only; resumes add up).
     :param tokens: training tokens consumed.
     :param best_val_loss_full: loss of the weights that had ``best_val_loss`` on the *whole* validation split
-        (:meth:`Trainer.full_val_loss`), measured once at the end of :meth:`Trainer.train`; nan before.
+        (:func:`windows_loss`), measured once at the end of :meth:`Trainer.train`; nan before.
     :param full_val_tokens: validation tokens that figure is the mean over.
     :param full_val_time_s: time that measurement took.
+    :param test_loss: loss of the same weights on the whole test split, measured once with the figure above and
+        read by nothing that steers the run; nan before.
+    :param test_tokens: test tokens that figure is the mean over.
+    :param test_time_s: time that measurement took.
     """
 
     best_val_loss: float = math.inf
@@ -81,12 +89,16 @@ class TrainingHistory:
     best_val_loss_full: float = math.nan
     full_val_tokens: int = 0
     full_val_time_s: float = 0.0
+    test_loss: float = math.nan
+    test_tokens: int = 0
+    test_time_s: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingHistory:
         """From a checkpoint's record; raises ``KeyError``/``TypeError`` if it is not one."""
         known = {f.name for f in fields(cls)}
-        missing = known - d.keys() - {"wall_time_s", "best_val_loss_full", "full_val_tokens", "full_val_time_s"}
+        missing = known - d.keys() - {"wall_time_s", "best_val_loss_full", "full_val_tokens", "full_val_time_s",
+                                      "test_loss", "test_tokens", "test_time_s"}
         if missing:
             raise KeyError(f"history lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -380,9 +392,10 @@ class Trainer:
             self.best_weights = {k: p.detach().clone() for k, p in self.model.named_parameters()}
         return {"train_loss": train_loss, "val_loss": val_loss, "improved": improved}
 
-    def full_val_loss(self, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
-        """:func:`full_val_loss` of the model (``weights``: parameters to score instead, e.g. ``best_weights``)."""
-        return full_val_loss(self.model, self.cfg, self.data, self.autocast, weights)
+    def split_loss(self, split: str, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+        """:func:`windows_loss` of the model on the data's ``split`` (``val`` or ``test``); ``weights``: parameters to
+        score instead (e.g. ``best_weights``)."""
+        return windows_loss(self.model, self.cfg, getattr(self.data, split), self.autocast, weights)
 
     def stats(self) -> TrainingStats:
         """The controller's view of the run right now."""
@@ -509,21 +522,18 @@ class Trainer:
                 bar.close()
             self.checkpoints.wait()
         self.history.wall_time_s = time.perf_counter() - t_start
-        self.score_best_on_full_val()
+        self.score_best()
         if cfg.gen_tokens:
             self.inference = self.measure_inference()
         return self.summary()
 
-    def score_best_on_full_val(self) -> None:
-        """Set ``history.best_val_loss_full``: the best weights (those of ``best_val_iter``) scored on the whole
-        validation split. It stays nan if those weights are not at hand."""
-        h = self.history
-        weights = self.best_weights
-        if weights is None and h.best_val_iter != self.iteration:
+    def score_best(self) -> None:
+        """Score the best weights (those of ``best_val_iter``) on every window of the validation split
+        (``best_val_loss_full``) and, once, of the test split (``test_loss``): :func:`score_weights`. Both stay nan
+        if those weights are not at hand."""
+        if self.best_weights is None and self.history.best_val_iter != self.iteration:
             return
-        t0 = time.perf_counter()
-        h.best_val_loss_full, h.full_val_tokens = self.full_val_loss(weights)
-        h.full_val_time_s = time.perf_counter() - t0
+        score_weights(self.history, lambda split: self.split_loss(split, self.best_weights))
 
     def summary(self) -> dict[str, Any]:
         """The run's figures (what ``summary.json`` holds)."""
@@ -626,20 +636,20 @@ class Trainer:
 
 
 @torch.no_grad()
-def full_val_loss(model: GPT, cfg: TrainConfig, data: CharData, autocast: Any,
-                  weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
-    """Mean loss over the whole validation split: every non-overlapping window of ``block_size`` tokens (the
-    last ``(len(val) - 1) % block_size`` tokens, fewer than one window, are left out), dropout off, in passes
-    of ``batch_size * eval_merge`` windows.
+def windows_loss(model: GPT, cfg: TrainConfig, tokens: torch.Tensor, autocast: Any,
+                 weights: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+    """Mean loss over every non-overlapping window of ``block_size`` tokens of ``tokens`` (a whole split; the last
+    ``(len(tokens) - 1) % block_size`` tokens, fewer than one window, are left out), dropout off, in passes of
+    ``batch_size * eval_merge`` windows.
 
     :param weights: parameters to score instead of the model's own (through ``torch.func.functional_call``).
     :returns: the loss (nats per token) and the number of tokens it averages.
     """
-    val, T = data.val, cfg.block_size
-    n = (len(val) - 1) // T
-    x, y = val[:n * T].view(n, T), val[1:n * T + 1].view(n, T)
+    T = cfg.block_size
+    n = (len(tokens) - 1) // T
+    x, y = tokens[:n * T].view(n, T), tokens[1:n * T + 1].view(n, T)
     chunk = cfg.batch_size * cfg.eval_merge
-    total = torch.zeros((), device=val.device)
+    total = torch.zeros((), device=tokens.device)
     was_training = model.training
     model.eval()
     try:
@@ -652,6 +662,17 @@ def full_val_loss(model: GPT, cfg: TrainConfig, data: CharData, autocast: Any,
     finally:
         model.train(was_training)
     return (total / n).item(), n * T
+
+
+def score_weights(h: TrainingHistory, loss_on: Any) -> None:
+    """The end of a run: the chosen weights' loss on the whole val split, then, once, on the whole test split, into
+    ``h`` (``best_val_loss_full``, ``test_loss``, their token counts and times). ``loss_on(split)`` scores them
+    and returns ``(loss, tokens)``. The one place that reads the test split."""
+    t0 = time.perf_counter()
+    h.best_val_loss_full, h.full_val_tokens = loss_on("val")
+    t1 = time.perf_counter()
+    h.test_loss, h.test_tokens = loss_on("test")
+    h.full_val_time_s, h.test_time_s = t1 - t0, time.perf_counter() - t1
 
 
 def measure_inference(model: GPT, cfg: TrainConfig, data: CharData) -> InferenceSample:
@@ -680,8 +701,9 @@ def run_summary(cfg: TrainConfig, h: TrainingHistory, iterations: int, controlle
     """A run's figures, as ``summary.json`` holds them."""
     return {
         "best_val_loss": h.best_val_loss, "best_val_iter": h.best_val_iter,
+        "test_loss": h.test_loss, "test_tokens": h.test_tokens, "test_time_s": h.test_time_s,
         "best_val_loss_full": h.best_val_loss_full, "full_val_tokens": h.full_val_tokens,
-        "full_val_time_s": h.full_val_time_s,
+        "full_val_time_s": h.full_val_time_s, "numerics": NUMERICS_VERSION,
         "final_train_loss": h.eval_train_loss, "final_val_loss": h.eval_val_loss,
         "final_train_loss_smoothed": h.train_loss_smoothed,
         "total_train_time_s": h.wall_time_s, "train_loop_time_s": h.train_time_s, "eval_time_s": h.eval_time_s,

@@ -72,7 +72,9 @@ def test_shared_copy_loads_via_env_var(shakespeare, monkeypatch, tmp_path):
 def test_shakespeare_vocab_and_nanogpt_split(shakespeare):
     assert shakespeare.vocab_size == 65
     assert len(shakespeare.train) == 1003854
-    assert len(shakespeare.val) == 111540
+    assert len(shakespeare.heldout) == 111540  # nanoGPT's validation split, used only for checks like this one
+    assert len(shakespeare.val) == len(shakespeare.test) == 55770  # its halves: val steers, test scores at the end
+    assert torch.equal(torch.cat([shakespeare.val, shakespeare.test]), shakespeare.heldout)
     assert shakespeare.train.dtype == torch.long and shakespeare.train.device.type == "cpu"
     assert shakespeare.itos[0] == "\n" and shakespeare.stoi["a"] == 39  # nanoGPT's meta.pkl
 
@@ -380,7 +382,7 @@ def test_any_utf8_text_file_trains_and_is_recorded(tmp_path):
 
 @pytest.mark.parametrize("content, words", [(b"", "empty"), (b"  \n", "empty"), (b"abc\0def" * 500, "binary"),
                                             (b"\xff\xfe\x00a" * 10, "binary"), (b"caf\xe9 " * 1000, "UTF-8"),
-                                            (b"just a few words here", "validation text")])
+                                            (b"just a few words here", "characters of val text")])
 def test_bad_text_files_are_one_line(tmp_path, capsys, content, words):
     from runs.train import cli
 
