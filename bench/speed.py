@@ -30,7 +30,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -348,6 +348,69 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class Timings(NamedTuple):
+    """What one side measured: per-iteration times (ms), evaluation passes (ms) and its warm-up (s)."""
+
+    iter_ms: list[float]
+    eval_ms: list[float]
+    warmup_s: float
+
+
+def time_both(trainer: Trainer, ref: ReferenceLoop, s: BenchSettings, block: int,
+              log: Callable[[str], None]) -> tuple[Timings, Timings]:
+    """Warm both loops up, then time training in alternating rounds and evaluation passes in turn."""
+    log(f"warm-up: ours (compile={trainer.use_compile}) and reference, {s.untimed_iters} iterations each")
+    t0 = time.perf_counter()
+    trainer.control()  # a non-zero rate before the first step: the graph that is timed is the one compiled
+    trainer.evaluate()
+    trainer.advance(s.untimed_iters)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref.train(1, s.untimed_iters)
+    ref_warmup_s = time.perf_counter() - t0
+    ours_ms: list[float] = []
+    ref_ms: list[float] = []
+    rounds = zip(_split(math.ceil(s.iters / block), s.rounds), _split(math.ceil(s.ref_iters / block), s.rounds))
+    for r, (n_ours, n_ref) in enumerate(rounds):
+        log(f"round {r + 1}/{s.rounds}: ours {n_ours * block} iterations, reference {n_ref * block}")
+        ours_ms += time_ours_blocks(trainer, n_ours, block)
+        ref_ms += ref.train(n_ref, block)
+    log(f"evaluation: ours {s.eval_passes} passes, reference {s.ref_eval_passes}")
+    ours_eval, ref_eval = [], []
+    for i in range(max(s.eval_passes, s.ref_eval_passes)):
+        if i < s.eval_passes:
+            ours_eval.append(time_ours_eval(trainer))
+        if i < s.ref_eval_passes:
+            ref_eval.append(ref.evaluate())
+    return Timings(ours_ms, ours_eval, warmup_s), Timings(ref_ms, ref_eval, ref_warmup_s)
+
+
+def eval_merge_sweep(trainer: Trainer, s: BenchSettings, log: Callable[[str], None]) -> dict[str, float]:
+    """Median ms of an evaluation pass of ours at each ``eval_merge`` of the sweep (each shape compiles untimed)."""
+    by_merge = {}
+    for k in s.eval_merge_sweep:
+        log(f"evaluation with {k} batch(es) per pass: {s.eval_passes} timed passes")
+        trainer.evaluate(k)  # compiles this batch shape
+        by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer, k) for _ in range(s.eval_passes)))
+    return by_merge
+
+
+def side_result(cfg: TrainConfig, t: Timings) -> dict[str, Any]:
+    """One side's figures: per-iteration statistics, the median evaluation pass, the projected protocol time
+    (``max_iters`` at the mean ms/iter plus every evaluation at the mean pass), throughput, and the raw times."""
+    d: dict[str, Any] = summarize(t.iter_ms)
+    d["eval_pass_ms"] = float(statistics.median(t.eval_ms))
+    d["protocol_s"] = (cfg.max_iters * d["ms_per_iter_mean"] + protocol_evaluations(cfg) * statistics.fmean(t.eval_ms)) / 1e3
+    d["train_tokens_per_s"] = cfg.batch_size * cfg.block_size * len(t.iter_ms) / (sum(t.iter_ms) / 1e3)
+    d["timed_iters"], d["timed_eval_passes"] = len(t.iter_ms), len(t.eval_ms)
+    d.update(warmup_s=t.warmup_s, iter_ms=list(t.iter_ms), eval_ms=list(t.eval_ms))
+    return d
+
+
+RATIO_KEYS = ("ms_per_iter_median", "ms_per_iter_p10", "ms_per_iter_p90", "ms_per_iter_mean", "eval_pass_ms",
+              "protocol_s", "train_tokens_per_s")
+
+
 def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | None = None,
                   log: Callable[[str], None] = lambda _: None,
                   rates: tuple[float, float] = (0.1, 0.2)) -> dict[str, Any]:
@@ -367,91 +430,37 @@ def run_benchmark(cfg: TrainConfig, settings: BenchSettings, data: CharData | No
     block = s.block_iters or (25 if device.type == "cuda" else 1)
     rates = (controller.low, controller.high)
     ref = ReferenceLoop(cfg, trainer.data, device, dtype, trainer.lr_at, rates)
-
-    log(f"warm-up: ours (compile={trainer.use_compile}) and reference, {s.untimed_iters} iterations each")
-    t0 = time.perf_counter()
-    trainer.control()  # a non-zero rate before the first step: the graph that is timed is the one compiled
-    trainer.evaluate()
-    trainer.advance(s.untimed_iters)
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref.train(1, s.untimed_iters)
-    ref_warmup_s = time.perf_counter() - t0
-
-    ours_blocks = _split(math.ceil(s.iters / block), s.rounds)
-    ref_blocks = _split(math.ceil(s.ref_iters / block), s.rounds)
-    ours_ms: list[float] = []
-    ref_ms: list[float] = []
-    for r, (n_ours, n_ref) in enumerate(zip(ours_blocks, ref_blocks)):
-        log(f"round {r + 1}/{s.rounds}: ours {n_ours * block} iterations, reference {n_ref * block}")
-        ours_ms += time_ours_blocks(trainer, n_ours, block)
-        ref_ms += ref.train(n_ref, block)
-    log(f"evaluation: ours {s.eval_passes} passes, reference {s.ref_eval_passes}")
-    ours_eval, ref_eval = [], []
-    for i in range(max(s.eval_passes, s.ref_eval_passes)):
-        if i < s.eval_passes:
-            ours_eval.append(time_ours_eval(trainer))
-        if i < s.ref_eval_passes:
-            ref_eval.append(ref.evaluate())
+    ours_t, ref_t = time_both(trainer, ref, s, block, log)
     recompiles = trainer.recompiles
     profiled = None
     if s.profile_iters:
         log(f"profiling {math.ceil(s.profile_iters / block) * block} iterations of ours")
         profiled = profile_ours(trainer, math.ceil(s.profile_iters / block), block)
-    eval_merge, by_merge = cfg.eval_merge, {}
-    for k in s.eval_merge_sweep:
-        log(f"evaluation with {k} batch(es) per pass: {s.eval_passes} timed passes")
-        trainer.evaluate(k)  # compiles this batch shape
-        by_merge[str(k)] = float(statistics.median(time_ours_eval(trainer, k) for _ in range(s.eval_passes)))
-
+    by_merge = eval_merge_sweep(trainer, s, log)
     log("checks: rate 0 draws no random numbers" + ("; sampling with and without the KV cache" if s.sampling else ""))
-    x, y = ref.get_batch("train")
-    rate0_ok = rate_zero_draws_no_random(ref.model, x, y)
-    n_tokens = min(s.gen_tokens, cfg.block_size - 1)
-    sampling = (measure_sampling(trainer.model, device, n_tokens, cfg.seed, s.gen_repeats, compile=trainer.use_compile)
-                if s.sampling else None)
-
-    n_evals = protocol_evaluations(cfg)
-    tokens_per_iter = cfg.batch_size * cfg.block_size
-
-    def side(ms: list[float], eval_ms: list[float]) -> dict[str, Any]:
-        d: dict[str, Any] = summarize(ms)
-        d["eval_pass_ms"] = float(statistics.median(eval_ms))
-        d["protocol_s"] = (cfg.max_iters * d["ms_per_iter_mean"] + n_evals * statistics.fmean(eval_ms)) / 1e3
-        d["train_tokens_per_s"] = tokens_per_iter * len(ms) / (sum(ms) / 1e3)
-        d["timed_iters"], d["timed_eval_passes"] = len(ms), len(eval_ms)
-        return d
-
-    ours = side(ours_ms, ours_eval)
-    ours.update(warmup_s=warmup_s, recompiles=recompiles, compile=trainer.use_compile, eval_merge=eval_merge,
+    rate0_ok = rate_zero_draws_no_random(ref.model, *ref.get_batch("train"))
+    sampling = (measure_sampling(trainer.model, device, min(s.gen_tokens, cfg.block_size - 1), cfg.seed,
+                                 s.gen_repeats, compile=trainer.use_compile) if s.sampling else None)
+    ours = side_result(cfg, ours_t)
+    ours.update(recompiles=recompiles, compile=trainer.use_compile, eval_merge=cfg.eval_merge,
                 eval_pass_ms_by_merge=by_merge, attention_dropout=cfg.attention_dropout,
                 fused_adamw=bool(trainer.optimizer.defaults.get("fused")), data_on_device=True,
                 timing=f"blocks of {block} iteration(s), wall time / iterations; advance() syncs at block ends")
-    reference = side(ref_ms, ref_eval)
-    reference.update(warmup_s=ref_warmup_s, recompiles=None, compile=False, fused_adamw=False, eval_merge=1,
-                     eval_pass_ms_by_merge={}, attention_dropout=cfg.attention_dropout,
-                     data_on_device=False, timing="per iteration (loss.item() syncs every step)")
-    ratio_keys = ("ms_per_iter_median", "ms_per_iter_p10", "ms_per_iter_p90", "ms_per_iter_mean",
-                  "eval_pass_ms", "protocol_s", "train_tokens_per_s")
+    reference = side_result(cfg, ref_t)
+    reference.update(recompiles=None, compile=False, fused_adamw=False, eval_merge=1, eval_pass_ms_by_merge={},
+                     attention_dropout=cfg.attention_dropout, data_on_device=False,
+                     timing="per iteration (loss.item() syncs every step)")
     return {
-        "preset": cfg.preset,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
+        "preset": cfg.preset, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
         "load_average_1min": {"before": load_before, "after": _load_average()},  # other processes' load (CPU timings)
-        "dtype": str(dtype).removeprefix("torch."),
-        "config": asdict(cfg),
+        "dtype": str(dtype).removeprefix("torch."), "config": asdict(cfg),
         "settings": {**asdict(s), "block_iters": block, "rates": list(rates)},
-        "protocol": {"max_iters": cfg.max_iters, "evaluations": n_evals, "projected": True,
+        "protocol": {"max_iters": cfg.max_iters, "evaluations": protocol_evaluations(cfg), "projected": True,
                      "formula": "max_iters * mean ms/iter + evaluations * mean eval pass ms (warm-up excluded)"},
-        "ours": ours,
-        "reference": reference,
-        "ratio": {k: ours[k] / reference[k] for k in ratio_keys},
-        "rate0_draws_no_random": rate0_ok,
-        "sampling": sampling,
-        "profile": profiled,
+        "ours": ours, "reference": reference, "ratio": {k: ours[k] / reference[k] for k in RATIO_KEYS},
+        "rate0_draws_no_random": rate0_ok, "sampling": sampling, "profile": profiled,
     }
 
 

@@ -43,8 +43,7 @@ def episode_config(preset: str = "tiny", max_iters: int = 160, interval: int = 1
     Also what ``runs.eval_policy`` gives every controller, so the comparison matches the episodes.
     """
     return make_config(preset, max_iters=max_iters, eval_interval=interval, control_interval=interval,
-                       seed=seed, checkpoint=False, progress=False, gen_tokens=0, wandb="disabled",
-                       **{"device": "cpu", **overrides})
+                       seed=seed, **{"device": "cpu", **overrides}).quiet()
 
 
 class DropoutEnv(gym.Env):
@@ -94,7 +93,7 @@ class DropoutEnv(gym.Env):
     :param train_seeds: training instances; default :data:`TRAIN_SEEDS`.
     :param eval_seeds: held-out instances; default :data:`EVAL_SEEDS`; must be disjoint from train_seeds.
     :param torch_threads: ``torch.set_num_threads`` for this process; 1 because on a shared 2-core machine
-        more threads oversubscribe (measured 550 ms/step with 2 threads vs 10 ms with 1); None = leave it.
+        more threads oversubscribe (docs/results.md); None = leave it.
     :param data: the dataset path (default: ``$DYNDROP_DATA_DIR``/the cache), read once per process.
     :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``), over the episode's.
     """

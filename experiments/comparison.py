@@ -219,9 +219,8 @@ class Comparison:
     :param cpus_per_trial: with ``ray``: CPUs each trial's task asks for (fractions allowed).
     :param gpus_per_trial: with ``ray``: GPUs each trial's task asks for (fractions allowed: 0.5 = two a GPU).
     :param threads: torch CPU threads per trial; None = all cores divided by ``jobs``.
-    :param target: validation loss for "iterations/seconds to target"; None = the default rule
-        (:func:`experiments.stats.default_target`).
-    :param baseline: spec of the baseline row; None = the best constant rate.
+    :param target: a validation loss: the table adds iterations and seconds to reach it; None = no such columns.
+    :param baseline: spec of the baseline row; None = the constant rate with the lowest mean val loss.
     :param warm_up: before its first trial, each process trains a throwaway 2-step run
         (:func:`experiments.trials.warm_up`).
     """

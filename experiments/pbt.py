@@ -350,8 +350,7 @@ def run_pbt_trial(job: TrialJob, *, address: str | None = None, cpus: int = 1, c
     counter = IterationCounter(bar)
     with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-") as tmp:
         storage = Path(tmp)
-        member_cfg = dataclasses.replace(cfg, out=str(storage / "member"), checkpoint=False, progress=False,
-                                         wandb="disabled", gen_tokens=0, data=str(resolve_dataset(cfg.data)))
+        member_cfg = cfg.quiet(out=str(storage / "member"), data=str(resolve_dataset(cfg.data)))
         tuner = make_tuner(job, settings, member_cfg, storage, {"cpu": cpus_per_member, "gpu": gpus_per_member}, counter)
         t0 = time.perf_counter()
         with tune_quietly_and_seeded(cfg.seed), ray_session(address, num_cpus=None if address else cpus):

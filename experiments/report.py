@@ -6,8 +6,8 @@
   over seeds (whole run, and a zoom on the second half where controllers differ);
 - ``dropout_rate.png``: the dropout rate each controller chose (mean over seeds and layers, band = range);
 - ``gap.png``: the generalization gap, val loss − train loss on the fixed evaluation batches;
-- ``best_val.png``: the headline, the best weights' loss on the whole validation split, per controller:
-  mean with its 95 % t-interval, one dot per seed;
+- ``best_val.png``: the headline, the best weights' loss on the test split, per controller: mean with its 95 %
+  t-interval, one dot per seed;
 
 and writes ``report.html`` with the figures embedded (base64), so the one file can be mailed or opened
 anywhere. Uses matplotlib's Agg backend: no display needed.
@@ -30,7 +30,7 @@ FIGURES = {
     "val_loss": "Validation loss (mean over seeds; band = range over seeds)",
     "dropout_rate": "Dropout rate chosen by each controller (mean over seeds and layers)",
     "gap": "Generalization gap: val loss − train loss on the fixed evaluation batches",
-    "best_val": "Best weights' validation loss on the full split, per controller: mean and 95 % t-interval over "
+    "best_val": "Test loss of the best weights (chosen on val), per controller: mean and 95 % t-interval over "
                 "seeds; dots = seeds",
 }
 
@@ -127,7 +127,7 @@ def _best_val_figure(table: Table):
         ax.axvline(base[HEADLINE], color="grey", ls=":", lw=1)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{r['controller']} (baseline)" if r["baseline"] else r["controller"] for r in reversed(rows)])
-    ax.set_xlabel("best weights' validation loss on the full split (nats/char; lower is better)")
+    ax.set_xlabel("best weights' test loss (nats/char; lower is better)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -157,10 +157,10 @@ def draw_figures(comparison: Comparison, table: Table, results: list[TrialResult
 
 
 def html_table(table: Table) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header()) + "</tr>"]
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header(table)) + "</tr>"]
     for row in table.rows:
         cls = ' class="baseline"' if row["baseline"] else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row_cells(row, as_html=True)) + "</tr>")
+        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row_cells(table, row, as_html=True)) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -185,7 +185,9 @@ def write_report(out: str | Path) -> Path:
     write_tables(table, out)  # so results.* always match the page, also for a partly finished comparison
     paths = draw_figures(comparison, table, results, out / "figures")
     m = table.meta
-    target = "–" if m["target_val_loss"] is None else f"{m['target_val_loss']:.3f}"
+    target = "" if m["target_val_loss"] is None else (
+        f" Iterations and seconds to the val loss {m['target_val_loss']:.3f} (--target) are means over the seeds "
+        "that reached it.")
     parts = [
         "<!doctype html>", "<html><head><meta charset='utf-8'>",
         f"<title>{html.escape(m['name'])}: controller comparison</title><style>{_STYLE}</style></head><body>",
@@ -196,10 +198,10 @@ def write_report(out: str | Path) -> Path:
         f"{html.escape(', '.join(m['device']) or '?')}; trials run {', '.join(map(str, m['concurrent_trials'])) or '?'} "
         f"at a time; table written {m['written']}.</p>",
         f"<p>Baseline: <code>{html.escape(m['baseline'])}</code> ({html.escape(m['baseline_rule'])}). "
-        f"Target validation loss: {target} ({html.escape(m['target_rule'])}). Cells: mean "
-        f"<small>[95 % t-interval over seeds]</small>. Δ: paired difference of best val loss against the baseline "
-        f"(negative = better). p: {html.escape(m['test'])}. Iterations and seconds to target are means over the "
-        f"seeds that reached it.</p>",
+        f"Cells: mean <small>[95 % t-interval over seeds]</small>. Δ: paired difference of the test loss against "
+        f"the baseline (negative = better). p: {html.escape(m['test'])}. Verdict: better/worse where the "
+        f"Holm-adjusted p &lt; 0.05, equivalent where {html.escape(m['equivalence'])} shows it, else not shown."
+        f"{target}</p>",
         html_table(table),
     ]
     for name, caption in FIGURES.items():

@@ -1,5 +1,6 @@
-"""The statistics of a comparison: mean with a Student-t interval, the paired test, the baseline and the
-target. Plain numpy/scipy; every figure in the tables, the report and ``runs.eval_policy`` comes from here."""
+"""The statistics of a comparison and the suite: mean with a Student-t interval, the paired test, Holm's adjustment
+over a table's rows, the equivalence test (TOST) and the verdict they give, and the baseline. Plain numpy/scipy;
+every figure in the tables, the report, ``runs.eval_policy`` and ``runs.suite`` comes from here."""
 from __future__ import annotations
 
 import math
@@ -54,17 +55,52 @@ def paired_test(values: dict[int, float], baseline: dict[int, float]) -> dict[st
     return {"n": len(seeds), "delta": delta, "delta_low": low, "delta_high": high, "p": p}
 
 
+EQUIVALENCE_MARGIN = 0.01
+"""Nats: two rows whose mean paired difference is shown (TOST) to lie within ±this are called equivalent."""
+
+ALPHA = 0.05
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (nan ones are left out and stay nan): the i-th smallest
+    is multiplied by (m - i), running maxima kept, capped at 1. Controls the family-wise error rate at any level."""
+    finite = sorted((p, k) for k, p in p_values.items() if p is not None and math.isfinite(p))
+    m, running, adjusted = len(finite), 0.0, {k: math.nan for k in p_values}
+    for i, (p, k) in enumerate(finite):
+        running = max(running, min(1.0, (m - i) * p))
+        adjusted[k] = running
+    return adjusted
+
+
+def tost(diffs: Sequence[float], margin: float = EQUIVALENCE_MARGIN) -> float:
+    """p-value of two one-sided t-tests that the mean of ``diffs`` lies within ``±margin`` (the larger of the two
+    one-sided p-values; nan below 2 values). Small means: shown to be equivalent."""
+    x = np.asarray([d for d in diffs if d is not None and math.isfinite(d)], dtype=float)
+    if len(x) < 2:
+        return math.nan
+    sem = float(sps.sem(x))
+    if sem == 0.0:
+        return 0.0 if abs(float(x.mean())) < margin else 1.0
+    df = len(x) - 1
+    p_low = float(sps.t.sf((x.mean() + margin) / sem, df))   # H0: mean <= -margin
+    p_high = float(sps.t.cdf((x.mean() - margin) / sem, df))  # H0: mean >= +margin
+    return max(p_low, p_high)
+
+
+def verdict(delta: float, p_adjusted: float, p_equivalent: float, alpha: float = ALPHA) -> str:
+    """A row against its baseline, in words: ``better`` or ``worse`` (Holm-adjusted p below ``alpha``),
+    ``equivalent`` (TOST p below ``alpha``), else ``not shown``; ``–`` without a test."""
+    if delta is None or not math.isfinite(delta):
+        return "–"
+    if p_adjusted is not None and math.isfinite(p_adjusted) and p_adjusted < alpha:
+        return "better" if delta < 0 else "worse"
+    if p_equivalent is not None and math.isfinite(p_equivalent) and p_equivalent < alpha:
+        return f"equivalent (±{EQUIVALENCE_MARGIN:g})"
+    return "not shown"
+
+
 def pick_baseline(per_spec: dict[str, list[float]]) -> str | None:
-    """The ``constant`` spec with the lowest mean of its values (None if no constant has any)."""
+    """The ``constant`` spec with the lowest mean of its values (None if no constant has any). Give it *val*
+    figures: a baseline picked on the figures it is then compared by would favour itself."""
     constants = {s: float(np.mean(v)) for s, v in per_spec.items() if spec_name(s) == "constant" and v}
     return min(constants, key=constants.get) if constants else None
-
-
-def default_target(baseline_best: Sequence[float]) -> float:
-    """The worst best-validation-loss among the baseline's seeds, rounded up to 0.001.
-
-    Every baseline seed reaches it, so "iterations to target" asks: how soon does each controller get
-    as good as the best constant rate got in all of its seeds?
-    """
-    finite = [v for v in baseline_best if v is not None and math.isfinite(v)]
-    return math.ceil(max(finite) * 1000 - 1e-9) / 1000 if finite else math.nan

@@ -288,8 +288,7 @@ def warm_up(cfg: TrainConfig) -> None:
            cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.bias)
     if key in _WARMED:
         return
-    short = dataclasses.replace(cfg, max_iters=2, eval_iters=1, out="", checkpoint=False, progress=False,
-                                wandb="disabled")
+    short = cfg.quiet(max_iters=2, eval_iters=1)
     trainer = Trainer(short, data=shared_data(cfg.data, resolve_device(cfg.device)))
     try:
         trainer.evaluate()

@@ -87,6 +87,13 @@ class TrainConfig:
         """Steps between control steps: ``control_interval``, or ``eval_interval`` for 0."""
         return self.control_interval or self.eval_interval
 
+    def quiet(self, **changes: Any) -> TrainConfig:
+        """This config for a run that leaves nothing behind (an RL episode, a PBT member, a warm-up): no checkpoints,
+        progress bar, wandb or sample, and no output folder; ``changes`` on top. The side-effect switches stay in
+        the config, so a run is still one value from the command line to the trainer, and callers turn them all
+        off in one call."""
+        return dataclasses.replace(self, **{**QUIET, **changes})
+
 
 DERIVED = {"lr_decay_iters": "max_iters", "control_interval": "eval_interval"}
 """Settings whose 0 means "the same as another one" (see ``TrainConfig.decay_iters`` and ``control_every``)."""
@@ -102,6 +109,9 @@ def canonical_settings(values: dict[str, Any]) -> dict[str, Any]:
             out[name] = 0
     return out
 
+
+QUIET = {"checkpoint": False, "progress": False, "wandb": "disabled", "gen_tokens": 0, "out": ""}
+"""The side-effect switches of :meth:`TrainConfig.quiet`: what a run writes and shows besides its numbers."""
 
 MAX_SEED = 2**63 - 2**20
 """Largest seed: torch takes 64-bit seeds, and a run derives a few more from its own (evaluation batches)."""

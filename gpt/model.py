@@ -57,8 +57,7 @@ def dropout_cpu(x: torch.Tensor, p: torch.Tensor, generator: torch.Generator | N
 
     Random numbers are most of dropout's cost on a CPU; this draws half as many 32-bit numbers as
     ``rand_like``, integers are cheaper to make than floats, and one scaled mask means one multiply each
-    way (dropout forward+backward -30 to -56 % at cpu-preset shapes; a cpu-preset training step at rate
-    0.1, 20 paired blocks on 2 cores: median 46.6 -> 40.0 ms). The rate is rounded to a multiple of
+    way (its measured gain is in docs/results.md, "Where the speed figures come from"). The rate is rounded to a multiple of
     2**-15 (error below 1.6e-5) and kept values are scaled by the rounded keep probability, so the
     expectation stays exact.
     """

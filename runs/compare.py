@@ -52,12 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial; default all cores / --jobs")
     add_policy_arg(p)
     p.add_argument("--target", type=float, default=None,
-                   help="val loss for 'iterations/seconds to target'; default the worst best-val-loss among "
-                        "the baseline's seeds, rounded up")
+                   help="a val loss: adds iterations and seconds to reach it, per seed and paired against the "
+                        "baseline; default none (no time-to-target columns)")
     p.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                    help="before its first trial, each process trains an untimed 2-step run, so compile and "
                         "CUDA start-up do not count against the first controller's time")
-    p.add_argument("--baseline", default=None, help="controller spec of the baseline row; default the best constant rate")
+    p.add_argument("--baseline", default=None, help="controller spec of the baseline row; default the constant rate "
+                                                     "with the lowest mean val loss")
     add_config_args(p, skip=("preset", "out"))
     return p.parse_args(argv)
 

@@ -9,6 +9,7 @@ unpickling anything.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,13 +18,17 @@ from dyndrop import UserError, read_json
 from runs.cli import Parser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.convert_policy", description=__doc__.split("\n")[0])
     p.add_argument("zip", help="the stable-baselines3 .zip (its .json metadata beside it)")
     p.add_argument("--out", default=None, help="the new policy's path; default the .zip's with .safetensors")
     p.add_argument("--trust", action="store_true",
                    help="you trust the file: loading a .zip unpickles it, which can run code")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     source = Path(args.zip)
     if source.suffix != ".zip" or not source.is_file():
         raise UserError(f"{source} is not a .zip file")

@@ -6,16 +6,21 @@ Works on a partly finished comparison too: the table counts the trials finished 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from experiments.report import write_report
 from runs.cli import Parser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.report", description=__doc__.split("\n")[0])
     p.add_argument("dir", help="a comparison folder written by python -m runs.compare")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     page = write_report(args.dir)
     print(f"wrote {page} and {page.parent / 'figures'}/*.png")
     return 0

@@ -14,7 +14,7 @@ import pytest
 
 from dyndrop import UserError
 from controllers import parse_controllers
-from experiments.stats import default_target, mean_ci, paired_test, pick_baseline
+from experiments.stats import holm, mean_ci, paired_test, pick_baseline, tost, verdict
 from runs.compare import cli as compare_cli
 from runs.report import cli as report_cli
 
@@ -65,7 +65,18 @@ def test_paired_test_pairs_by_seed_and_baseline_is_best_constant():
     assert pick_baseline({"constant:rate=0": [1.6, 1.7], "constant:rate=0.2": [1.5, 1.6], "pid": [1.0]}) \
         == "constant:rate=0.2"
     assert pick_baseline({"pid": [1.0]}) is None
-    assert default_target([1.4581, 1.47023]) == 1.471
+
+
+def test_holm_tost_and_the_verdict():
+    # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1, then running maxima: 0.03, 0.06, 0.06
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": math.nan}) == pytest.approx(
+        {"a": 0.03, "b": 0.06, "c": 0.06, "d": math.nan}, nan_ok=True)
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+    assert tost([0.001, -0.002, 0.0005, 0.001, 0.0]) < 0.05  # tight around 0: within ±0.01
+    assert tost([0.02, 0.03, 0.025]) > 0.5  # clearly outside
+    assert tost([0.0, 0.05, -0.05]) > 0.05  # around 0 but too noisy to show it
+    assert verdict(-0.02, 0.01, math.nan) == "better" and verdict(0.02, 0.01, 0.9) == "worse"
+    assert verdict(0.001, 0.5, 0.01) == "equivalent (±0.01)" and verdict(0.001, 0.5, 0.3) == "not shown"
 
 
 # -- a whole comparison ----------------------------------------------------------------------------
@@ -88,7 +99,7 @@ def test_table_has_every_figure_with_ordered_cis_a_baseline_and_p_values(compari
     assert len(results["trials"]) == 6 and meta["trials_finished"] == 6 and meta["concurrent_trials"] == [1]
     for row in rows:
         assert row["n"] == 2 and row["diverged"] == 0
-        for key in ("best_val_loss_full", "best_val_loss", "final_train_loss", "total_train_time_s",
+        for key in ("test_loss", "best_val_loss_full", "best_val_loss", "final_train_loss", "total_train_time_s",
                     "train_tokens_per_s", "inference_tokens_per_s"):
             assert row[key] is not None and row[key] > 0, (row["controller"], key)
             assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], (row["controller"], key)
@@ -96,24 +107,24 @@ def test_table_has_every_figure_with_ordered_cis_a_baseline_and_p_values(compari
     baselines = [r for r in rows if r["baseline"]]
     assert len(baselines) == 1 and baselines[0]["controller"].startswith("constant:")
     base = baselines[0]
-    # ranked by the headline: the best weights' loss on the whole validation split
+    # the baseline is the constant with the lowest val loss (full split); rows are compared by their test loss
     full = {r["controller"]: r["best_val_loss_full"] for r in rows if r["controller"].startswith("constant")}
     assert base["best_val_loss_full"] == min(full.values())
-    assert meta["baseline"] == base["controller"]
-    # the default target is reached by every baseline seed, at an evaluation iteration
-    assert base["reached_target"] == 2 and base["iters_to_target"] % 10 == 0 and base["secs_to_target"] > 0
-    for row in rows:
-        if not row["baseline"]:
-            assert 0.0 <= row["p_value"] <= 1.0 and row["pairs"] == 2
-            assert row["delta_best_val_loss_full_low"] <= row["delta_best_val_loss_full"] \
-                <= row["delta_best_val_loss_full_high"]
-            trials = {t["seed"]: t["best_val_loss_full"] for t in results["trials"] if t["controller"] == row["controller"]}
-            base_trials = {t["seed"]: t["best_val_loss_full"] for t in results["trials"] if t["controller"] == meta["baseline"]}
-            assert row["delta_best_val_loss_full"] == pytest.approx(
-                sum(trials[s] - base_trials[s] for s in trials) / len(trials))
+    assert meta["baseline"] == base["controller"] and meta["headline"] == "test_loss"
+    assert "iters_to_target" not in base  # no --target: no time-to-target columns
+    tested = [r for r in rows if not r["baseline"]]
+    assert {r["controller"]: r["p_holm"] for r in tested} == pytest.approx(
+        holm({r["controller"]: r["p_value"] for r in tested}))
+    for row in tested:
+        assert 0.0 <= row["p_value"] <= row["p_holm"] <= 1.0 and row["pairs"] == 2
+        assert row["delta_test_loss_low"] <= row["delta_test_loss"] <= row["delta_test_loss_high"]
+        trials = {t["seed"]: t["test_loss"] for t in results["trials"] if t["controller"] == row["controller"]}
+        base_trials = {t["seed"]: t["test_loss"] for t in results["trials"] if t["controller"] == meta["baseline"]}
+        assert row["delta_test_loss"] == pytest.approx(sum(trials[s] - base_trials[s] for s in trials) / len(trials))
+        assert row["verdict"] == verdict(row["delta_test_loss"], row["p_holm"], row["p_equivalent"])
 
     md = (comparison / "results.md").read_text()
-    assert f"**{base['controller']}** (baseline)" in md and "linear" in md
+    assert f"**{base['controller']}** (baseline)" in md and "linear" in md and "p (Holm)" in md
     with (comparison / "results.csv").open() as f:
         assert [r["controller"] for r in csv.DictReader(f)] == [r["controller"] for r in rows]
 
@@ -167,6 +178,21 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args):
     assert compare_cli([*args, "--out", str(tmp_path / "c"), *SHORT]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_a_target_adds_iterations_to_it_per_seed_and_paired(comparison, tmp_path):
+    out = tmp_path / "target"
+    import shutil
+
+    shutil.copytree(comparison, out)
+    assert compare_cli([*CONTROLLERS, "--seeds", "2", "--out", str(out), *SHORT, "--target", "4.0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["target_val_loss"] == 4.0
+    for t in results["trials"]:  # every run passes 4.0 nats at its second evaluation or sooner
+        assert t["iters_to_target"] in (0, 10) and t["secs_to_target"] >= 0
+    for row in results["rows"]:
+        assert row["reached_target"] == 2 and "p_iters_to_target" in row
+    assert "iters to target" in (out / "results.md").read_text()
 
 
 def test_report_of_a_folder_without_a_comparison_is_an_error(tmp_path, capsys):

@@ -31,32 +31,24 @@ def test_full_val_loss_is_every_non_overlapping_window():
     assert math.isclose(loss, direct, rel_tol=1e-5)
 
 
-def test_the_best_weights_are_scored_not_the_last(tmp_path):
+def test_the_best_weights_are_scored_not_the_last_on_val_and_once_on_test(tmp_path):
     data = small_data()
     cfg = make_config("tiny", max_iters=30, eval_interval=10, block_size=16, eval_iters=2, wandb="disabled",
                       progress=False, checkpoint=False, gen_tokens=0, out=str(tmp_path / "r"))
-    trainer = Trainer(cfg, make_controller("constant:rate=0"), data=data)
+    trainer = Trainer(cfg, make_controller("constant:rate=0.1"), data=data)
     summary = trainer.train()
     h = trainer.history
     assert summary["best_val_loss_full"] == h.best_val_loss_full == trainer.split_loss("val", trainer.best_weights)[0]
     assert summary["full_val_tokens"] > 0
+    assert summary["test_loss"] == h.test_loss == trainer.split_loss("test", trainer.best_weights)[0]
+    assert summary["test_tokens"] == (len(data.test) - 1) // 16 * 16 > 0
+    assert summary["test_loss"] != summary["best_val_loss_full"]
     # scoring other weights gives another number: the best ones are not simply the final ones
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05)
     assert trainer.split_loss("val")[0] != summary["best_val_loss_full"]
     assert trainer.split_loss("val", trainer.best_weights)[0] == summary["best_val_loss_full"]
-
-
-def test_the_test_split_is_scored_once_with_the_best_weights(tmp_path):
-    data = small_data()
-    cfg = make_config("tiny", max_iters=30, eval_interval=10, block_size=16, eval_iters=2, wandb="disabled",
-                      progress=False, checkpoint=False, gen_tokens=0, out=str(tmp_path / "r"))
-    trainer = Trainer(cfg, make_controller("constant:rate=0.1"), data=data)
-    summary = trainer.train()
-    assert summary["test_loss"] == trainer.split_loss("test", trainer.best_weights)[0]
-    assert summary["test_tokens"] == (len(data.test) - 1) // 16 * 16 > 0
-    assert summary["test_loss"] != summary["best_val_loss_full"]
 
 
 def test_replacing_the_test_text_changes_nothing_but_the_test_score(tmp_path):

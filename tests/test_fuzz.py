@@ -1,9 +1,12 @@
-"""Property-based: whatever option values and controller specs a user types, ``runs.train`` ends with exit 0,
-or with exit 2, one line and no files; never a traceback."""
+"""Property-based: whatever option values and controller specs a user types, ``runs.train`` ends with exit 0 and a
+run that trained (every step logged, records and summary consistent, the weights moved), or with exit 2, one line
+and no files; never a traceback."""
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -69,6 +72,26 @@ def check(args: list[str]) -> None:
         if code == 2:
             assert len(lines) == 1 and lines[0].startswith("error:"), (args, err)
             assert not out.exists(), (args, sorted(p.name for p in out.iterdir()))
+        if code == 0:
+            assert_trained(out, args)
+
+
+def assert_trained(out: Path, args: list[str]) -> None:
+    """A run that exited 0 trained: every step logged, the summary agrees with the records, and (with a learning
+    rate that can move float32 weights) the weights moved."""
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    max_iters = summary["iterations"]
+    assert max_iters == int(args[args.index("--max-iters") + 1]), args
+    steps = [r["iter"] for r in records if "train/loss" in r]
+    assert steps == list(range(1, max_iters + 1)), (args, steps)  # --log-interval 1: one record per step
+    evals = [r for r in records if "val/loss" in r]
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == max_iters, args
+    assert summary["best_val_loss"] == pytest.approx(min(r["val/loss"] for r in evals)), args
+    assert math.isfinite(summary["test_loss"]) and math.isfinite(summary["best_val_loss_full"]), args
+    lr = float(args[args.index("--learning-rate") + 1]) if "--learning-rate" in args else 2e-3
+    if max_iters and lr >= 1e-6:
+        assert evals[-1]["train/eval_loss"] != evals[0]["train/eval_loss"], args
 
 
 @pytest.mark.slow

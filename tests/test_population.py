@@ -120,7 +120,11 @@ def test_train_gives_each_member_its_controller_and_summary(chardata, tmp_path):
         for key in ("best_val_loss", "best_val_loss_full", "final_val_loss"):
             assert s[key] == pytest.approx(single[key], rel=RTOL), key
         assert s["best_val_iter"] == single["best_val_iter"]
-    assert pop.model.rates[1] == (0.0, 0.0) or pop.model.rates[1][0] < 0.3  # the schedule moved
+    # each member's last control step set its own schedule's rate: 0 for the constant, linear's at that point
+    last_control = (cfg.max_iters - 1) // cfg.control_every * cfg.control_every
+    linear = make_controller(specs[1]).rate_at(last_control / cfg.max_iters)
+    assert 0 < linear < 0.3 and pop.model.rates == [(0.0, 0.0), (linear, linear)]
+    assert [s["final_rates"] for s in summaries] == [[0.0, 0.0], [linear, linear]]
 
 
 def test_a_diverged_member_leaves_the_others_alone(chardata):

@@ -173,13 +173,14 @@ def test_repr_round_trips(policy):
     assert make_controller(repr(ctrl)).params() == ctrl.params()
 
 
-def test_eval_policy_prints_the_table(policy, capsys):
+def test_eval_policy_prints_the_table(policy, capsys, tmp_path):
     from runs import eval_policy
 
-    assert eval_policy.main(["--policy", str(policy), "--seeds", "9000", "--baselines", "constant:rate=0.0"]) == 0
+    assert eval_policy.main(["--policy", str(policy), "--seeds", "9000", "9001", "--baselines", "constant@0,0.1",
+                             "--max-iters", "20", "--out", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
-    assert "best_val_loss_full" in out and "Δ vs constant:rate=0.0 (best fixed)" in out
-    assert any(line.startswith("ppo ") and "Δ" in line for line in out.splitlines())
+    assert "test loss" in out and "p (Holm)" in out and "(baseline)" in out
+    assert any(line.startswith(f"| ppo:policy={policy}") for line in out.splitlines())
 
 
 # -- one road for the policy: --policy PATH is short for ppo:policy=PATH -------------------------------
@@ -235,29 +236,55 @@ def test_eval_policy_takes_the_policy_either_way(policy, tmp_path):
 
     results = []
     for i, controller in enumerate((["--policy", str(policy)], ["--controller", f"ppo:policy={policy}"])):
-        out = tmp_path / f"eval{i}.json"
+        out = tmp_path / f"eval{i}"
         assert eval_policy.cli([*controller, "--seeds", "9000", "--baselines", "constant:rate=0.0",
                                 "--max-iters", "20", "--out", str(out)]) == 0
-        results.append(json.loads(out.read_text())["best_val_loss"])
+        results.append({r["controller"]: r["test_loss"] for r in json.loads((out / "results.json").read_text())["rows"]})
     assert results[0] == results[1]
 
 
-def test_eval_policy_takes_any_controller_and_reuses_saved_runs(tmp_path, capsys):
-    """PID on a named episode; a second call with the same episode config reads the runs from --out
-    instead of training them again (a planted value shows up), a changed config trains afresh."""
+def test_eval_policy_reuses_finished_episodes_and_refuses_a_changed_setting_or_policy(policy, tmp_path, capsys):
+    """PID on a named episode: a second call reuses the finished trials; another --max-iters into the same
+    folder, or a policy file replaced under the same path, is refused in one line instead of mixed in."""
+    import shutil
+
     from runs import eval_policy
 
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval"
     args = ["--controller", "pid", "--episode", "tiny", "--seeds", "9000", "--baselines", "constant@0,0.1",
             "--max-iters", "20", "--out", str(out)]
     assert eval_policy.cli(args) == 0
-    saved = json.loads(out.read_text())
-    assert set(saved["runs"]) == {"pid", "constant:rate=0", "constant:rate=0.1"}
-    assert saved["best_fixed"] in ("constant:rate=0", "constant:rate=0.1")
-    saved["runs"]["constant:rate=0.1"]["9000"]["best_val_loss_full"] = 0.125
-    out.write_text(json.dumps(saved))
-    capsys.readouterr()
+    summaries = sorted((out / "trials").glob("*/summary.json"))
+    assert len(summaries) == 3
+    before = {p: p.stat().st_mtime_ns for p in summaries}
     assert eval_policy.cli(args) == 0
-    assert "constant:rate=0.1=0.1250" in capsys.readouterr().out
-    assert eval_policy.cli([*args[:-4], "--max-iters", "10", "--out", str(out)]) == 0
-    assert "constant:rate=0.1=0.1250" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
+    capsys.readouterr()
+    assert eval_policy.cli([*args[:-4], "--max-iters", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_iters" in err[0]
+
+    mine = tmp_path / "mine"  # a policy evaluated, then replaced by another file at the same path
+    shutil.copytree(policy.parent, mine)
+    mine_policy = mine / policy.name
+    ppo_args = ["--policy", str(mine_policy), "--seeds", "9000", "--baselines", "constant:rate=0.0",
+                "--max-iters", "20", "--out", str(tmp_path / "eval-ppo")]
+    assert eval_policy.cli(ppo_args) == 0
+    mine_policy.write_bytes(mine_policy.read_bytes())  # same bytes: still the same policy
+    assert eval_policy.cli(ppo_args) == 0
+    from controllers.policy_file import metadata_path
+
+    meta = json.loads(metadata_path(mine_policy).read_text())
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(mine_policy))
+    weights = {k: v + 0.01 if v.dtype == torch.float32 else v for k, v in weights.items()}
+    save_file(weights, str(mine_policy))
+    from controllers.policy_file import sha256_of
+
+    metadata_path(mine_policy).write_text(json.dumps({**meta, "weights_sha256": sha256_of(mine_policy)}))
+    capsys.readouterr()
+    assert eval_policy.cli(ppo_args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the policy file differs" in err[0]
