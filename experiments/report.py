@@ -213,3 +213,55 @@ def write_report(out: str | Path) -> Path:
     page = out / "report.html"
     page.write_text("\n".join(parts) + "\n")
     return page
+
+
+# --------------------------------------------------------------------------------------------------
+# A suite folder (runs.suite): regret per regime
+
+
+def regret_figure(result: dict[str, Any]):
+    """Regret per regime and controller: one dot per seed, a bar at the mean; 0 = the regime's best constant."""
+    plt = _pyplot()
+    regimes, specs = result["regimes"], result["controllers"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(regimes) * max(1, len(specs)) ** 0.5), 4.8))
+    width = 0.8 / max(len(specs), 1)
+    for j, (spec, color) in enumerate(zip(specs, _colors(len(specs)))):
+        for i, name in enumerate(regimes):
+            mine = result["per_regime"][name]["controllers"][spec]
+            per_seed = [v for v in mine["regret"].values() if v is not None]
+            x = i - 0.4 + width * (j + 0.5)
+            if mine["regret_mean"] is not None:
+                ax.bar(x, mine["regret_mean"], width * 0.9, color=color, alpha=0.35, label=spec if i == 0 else None)
+            ax.scatter([x] * len(per_seed), per_seed, color=color, s=12, zorder=3)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(range(len(regimes)))
+    ax.set_xticklabels([f"{n}\n({result['per_regime'][n]['split']})" for n in regimes])
+    ax.set_ylabel("regret: test loss − best constant's (nats/char)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
+def write_suite_report(out: str | Path) -> Path:
+    """``figures/regret.png`` and ``report.html`` (the suite's tables and the figure) in the suite folder ``out``."""
+    from dyndrop import read_json
+
+    from .suite import markdown
+
+    out = Path(out)
+    result = read_json(out / "suite.json", "suite result")
+    (out / "figures").mkdir(exist_ok=True)
+    path = out / "figures" / "regret.png"
+    fig = regret_figure(result)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    page = out / "report.html"
+    page.write_text("\n".join([
+        "<!doctype html>", "<html><head><meta charset='utf-8'>",
+        f"<title>suite: regret per regime</title><style>{_STYLE}</style></head><body>",
+        "<h1>Regret per regime</h1>", f"<pre>{html.escape(markdown(result))}</pre>",
+        f"<img alt='regret' src='data:image/png;base64,{data}'>", "<p class='meta'>File: figures/regret.png</p>",
+        "</body></html>"]) + "\n")
+    return page
