@@ -1,0 +1,246 @@
+"""integrations: the dropout knob of any model, the tensor-rate swap and torch.compile.
+
+Helpers at the top are shared with tests/test_integrations_hf.py and tests/test_integrations_lightning.py.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+from dyndrop import UserError
+from integrations import DropoutKnob, TensorRateDropout, swap_dropout
+
+def tiny_gpt2(seed: int = 0, n_embd: int = 32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=65, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # unset, transformers warns at every call (a graph break under compile)
+    return model
+
+
+def train_mode_logits(model: nn.Module, x: torch.Tensor, seed: int = 123) -> torch.Tensor:
+    was_training = model.training
+    model.train()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model(x).logits
+    model.train(was_training)
+    return out
+
+
+def assert_rates_reach_the_model(model: nn.Module, rates: tuple[float, ...]) -> None:
+    """Every dropout site holds its layer's rate, GPT-2's attention probability (``attn_dropout.p``, what it passes to
+    scaled-dot-product attention) included; and the outputs show it: in train mode at a fixed seed another rate gives
+    another mask pattern, and so does the attention probability alone."""
+    knob = DropoutKnob(model)
+    assert knob.rates == pytest.approx(rates)
+    assert all(site.rate == pytest.approx(rates[site.layer]) for site in knob.sites)
+    gpt2 = getattr(model, "model", model).transformer  # a LightningModule holds the GPT-2 in .model
+    assert [block.attn.attn_dropout.p for block in gpt2.h] == pytest.approx(list(rates))
+    assert any(site.attention for site in knob.sites)
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    at_rates = train_mode_logits(model, x)
+    assert torch.equal(at_rates, train_mode_logits(model, x)), "same seed, same masks"
+    knob.set(tuple(r / 2 for r in rates))
+    assert not torch.allclose(at_rates, train_mode_logits(model, x)), "another rate, another mask pattern"
+    knob.set(rates)
+    for site in knob.sites:
+        if site.attention:
+            site.set(0.0)
+    assert not torch.allclose(at_rates, train_mode_logits(model, x)), "the attention probability reaches the kernel"
+    knob.set(rates)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+# -- the knob ----------------------------------------------------------------------------------------------------
+
+class Net(nn.Module):
+    """Embedding dropout before a 3-layer encoder (nn.Dropout modules and MultiheadAttention's float), a head after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.drop = nn.Dropout(0.1)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Dropout1d(0.1), nn.Linear(16, 11))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.drop(self.embed(x))))
+
+
+def test_knob_finds_modules_attributes_and_layers():
+    model = Net()
+    knob = DropoutKnob(model)
+    assert (knob.layers_name, knob.n_layers) == ("encoder.layers", 3)
+    by_name = {site.name: site for site in knob.sites}
+    assert set(by_name) == {"drop", "head.0", *(f"encoder.layers.{i}.{d}" for i in range(3)
+                                                 for d in ("self_attn:dropout", "dropout", "dropout1", "dropout2"))}
+    assert (by_name["drop"].placement, by_name["drop"].layer) == ("before", 0)
+    assert (by_name["head.0"].placement, by_name["head.0"].layer) == ("after", 2)
+    assert [s.name for s in knob.sites if s.attention] == [f"encoder.layers.{i}.self_attn:dropout" for i in range(3)]
+    assert knob.set([0.1, 0.2, 0.3]) == (0.1, 0.2, 0.3)
+    assert model.encoder.layers[1].self_attn.dropout == 0.2 and model.encoder.layers[2].dropout1.p == 0.3
+    assert model.drop.p == 0.1 and model.head[0].p == 0.3
+    assert knob.rates == (0.1, 0.2, 0.3)
+    report = knob.report()
+    assert report.splitlines()[0].startswith("Net: 14 dropout sites (11 modules, 3 float attributes, 3 on attention")
+    assert len(report.splitlines()) == 15
+    assert DropoutKnob(model, layers=None).n_layers == 1
+    assert DropoutKnob(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Dropout(0.1))).n_layers == 1
+
+
+def test_knob_errors_are_one_line():
+    with pytest.raises(UserError) as e:
+        DropoutKnob(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    assert "Sequential has no dropout" in one_line(e)
+    knob = DropoutKnob(Net())
+    for bad in (1.0, -0.1, float("nan"), [0.1, 0.2]):
+        with pytest.raises(UserError) as e:
+            knob.set(bad)
+        one_line(e)
+    with pytest.raises(UserError) as e:
+        DropoutKnob(Net(), layers="encoder")
+    assert "not a ModuleList" in one_line(e)
+    with pytest.raises(UserError) as e:
+        DropoutKnob(Net(), layers="nope")
+    one_line(e)
+
+
+def test_swap_leaves_outputs_unchanged():
+    """At a fixed seed: the same outputs in eval mode, and in train mode at rate 0 and at any rate outside compile
+    (the swapped dropout draws the same masks as nn.Dropout)."""
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain, swapped = tiny_gpt2(seed=3), tiny_gpt2(seed=3)
+    names = swap_dropout(swapped)
+    assert len(names) == 7 and all(isinstance(swapped.get_submodule(n), TensorRateDropout) for n in names)
+    assert swapped.config._attn_implementation == "dyndrop_sdpa"
+    assert set(swapped.state_dict()) == set(plain.state_dict()), "a swapped model saves as before"
+    plain.eval(), swapped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, swapped(x).logits)
+    for rate in (0.0, 0.2):
+        DropoutKnob(plain).set(rate), DropoutKnob(swapped).set(rate)
+        assert torch.equal(train_mode_logits(plain, x), train_mode_logits(swapped, x)), rate
+    report = DropoutKnob(swapped).report()
+    assert "7 with tensor rates" in report.splitlines()[0]
+
+
+def test_swap_gives_float_attention_probabilities_a_tensor_rate():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=65, attention_dropout=0.1)
+    plain = transformers.LlamaForCausalLM(config)
+    swapped = transformers.LlamaForCausalLM(config)
+    swapped.load_state_dict(plain.state_dict())
+    assert [s.name for s in DropoutKnob(plain).sites] == [f"model.layers.{i}.self_attn:attention_dropout"
+                                                          for i in range(2)]
+    swap_dropout(swapped)
+    knob = DropoutKnob(swapped)
+    assert sum(s.attention and s.tensor_rate for s in knob.sites) == 2
+    knob.set([0.2, 0.3])
+    assert swapped.model.layers[1].self_attn.attention_dropout == 0.3
+    assert swapped.model.layers[1].self_attn.dyndrop_attention.rate.item() == pytest.approx(0.3)
+    DropoutKnob(plain).set([0.2, 0.3])
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(train_mode_logits(plain, x), train_mode_logits(swapped, x))
+
+
+# -- torch.compile -----------------------------------------------------------------------------------------------
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_tensor_rate_dropout_compiled_drops_at_its_rate():
+    torch._dynamo.reset()
+    drop = TensorRateDropout(0.3)
+    compiled = torch.compile(drop, backend="aot_eager")
+    x = torch.ones(200_000)
+    y = compiled(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert y[y != 0].unique().tolist() == pytest.approx([1 / 0.7])
+    drop.p = 0.1
+    assert (compiled(x) == 0).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    drop.p = 0.0
+    assert torch.equal(compiled(x), x)
+    drop.eval()
+    drop.p = 0.5
+    assert torch.equal(compiled(x), x)
+
+
+def test_compiled_tensor_rate_attention_is_sdpa_attention():
+    """Spelled out under compile (attention dropout on, at a rate that drops nothing in practice), attention gives
+    the fused kernel's outputs, with the causal mask and with a padding mask."""
+    model = tiny_gpt2(seed=5)
+    swap_dropout(model)
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :5] = 0  # left padding in the second row
+    model.eval()
+    with torch.no_grad():
+        expected = [model(x).logits, model(x, attention_mask=mask).logits]
+    torch._dynamo.reset()
+    DropoutKnob(model).set(1e-9)
+    compiled = torch.compile(model, backend="aot_eager")
+    model.train()
+    with torch.no_grad():
+        got = [compiled(x).logits, compiled(x, attention_mask=mask).logits]
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1][0], expected[1][0])
+    torch.testing.assert_close(got[1][1, 5:], expected[1][1, 5:])  # padded query rows are garbage either way
+    for site in DropoutKnob(model).sites:  # attention dropout alone, compiled: it acts
+        site.set(0.5 if site.attention else 0.0)
+    with torch.no_grad():
+        assert not torch.allclose(compiled(x).logits, expected[0])
+
+
+def recompiles_over(model: nn.Module, rates: tuple[float, ...]) -> int:
+    """Graphs compiled after the first interval (a training step and an evaluation forward) of a run whose rate
+    changes at every evaluation."""
+    torch._dynamo.reset()
+    counters.clear()
+    knob = DropoutKnob(model)
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo's guards, not the backend, decide recompiles
+    x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(3))
+    after_warmup = None
+    for rate in rates:
+        knob.set(rate)
+        model.train()
+        compiled(x, labels=x).loss.backward()
+        model.eval()
+        with torch.no_grad():
+            compiled(x, labels=x)
+        after_warmup = graphs() if after_warmup is None else after_warmup
+    return graphs() - after_warmup
+
+
+@pytest.mark.slow
+def test_tensor_rates_cost_at_most_one_recompile():
+    plain = tiny_gpt2(n_embd=16)
+    assert recompiles_over(plain, (0.1, 0.2, 0.3)) >= 2  # a graph per rate (train and eval: both read the float)
+    swapped = tiny_gpt2(n_embd=16)
+    swap_dropout(swapped)
+    assert recompiles_over(swapped, (0.0, 0.1, 0.2, 0.0, 0.3, 0.05)) <= 1  # only rate 0 <-> non-zero
+
+
+# -- the core stays light -----------------------------------------------------------------------------------------
+
+def test_the_core_imports_neither_transformers_nor_lightning():
+    code = ("import sys, controllers, dyndrop, gpt, integrations, integrations.knob; "
+            "heavy = [m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
