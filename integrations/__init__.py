@@ -1,10 +1,11 @@
-"""Dynamic dropout for any PyTorch model: the dropout knob (the controller as a scheduler and the callbacks
-for Hugging Face ``transformers`` and Lightning come next).
+"""Dynamic dropout for any PyTorch model: the dropout knob and the controller as a scheduler (the callbacks for
+Hugging Face ``transformers`` and Lightning come next).
 
 ``import integrations`` needs only torch: the callbacks live in :mod:`integrations.hf` and
 :mod:`integrations.lightning`, which import their frameworks (the ``hf`` and ``lightning`` extras).
 Imports ``controllers`` and ``dyndrop``, never ``gpt``, ``envs``, ``experiments`` or ``runs``.
 """
 from .knob import DropoutKnob, DropoutSite, TensorRateDropout, swap_dropout
+from .scheduler import DropoutScheduler, LossTracker
 
-__all__ = ["DropoutKnob", "DropoutSite", "TensorRateDropout", "swap_dropout"]
+__all__ = ["DropoutKnob", "DropoutScheduler", "DropoutSite", "LossTracker", "TensorRateDropout", "swap_dropout"]

@@ -1,9 +1,10 @@
-"""integrations: the dropout knob of any model, the tensor-rate swap and torch.compile.
+"""integrations: the dropout knob of any model, the tensor-rate swap and torch.compile, the scheduler in a plain loop.
 
 Helpers at the top are shared with tests/test_integrations_hf.py and tests/test_integrations_lightning.py.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,8 +13,13 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
+from controllers import make_controller
 from dyndrop import UserError
-from integrations import DropoutKnob, TensorRateDropout, swap_dropout
+from integrations import DropoutKnob, DropoutScheduler, LossTracker, TensorRateDropout, swap_dropout
+
+PID = "pid:signal=gap,setpoint=-1,kp=0.2,ki=0,start=0,max_rate=0.5"
+"""A PID whose rate is 0.2 * (gap + 1): non-zero from the first evaluation, and new at each one (the gap moves)."""
+
 
 def tiny_gpt2(seed: int = 0, n_embd: int = 32):
     transformers = pytest.importorskip("transformers")
@@ -106,6 +112,9 @@ def test_knob_errors_are_one_line():
     with pytest.raises(UserError) as e:
         DropoutKnob(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     assert "Sequential has no dropout" in one_line(e)
+    with pytest.raises(UserError) as e:
+        DropoutScheduler(nn.Linear(3, 3), "pid", max_iters=10)
+    assert "Linear has no dropout" in one_line(e)
     knob = DropoutKnob(Net())
     for bad in (1.0, -0.1, float("nan"), [0.1, 0.2]):
         with pytest.raises(UserError) as e:
@@ -237,10 +246,145 @@ def test_tensor_rates_cost_at_most_one_recompile():
     assert recompiles_over(swapped, (0.0, 0.1, 0.2, 0.0, 0.3, 0.05)) <= 1  # only rate 0 <-> non-zero
 
 
+# -- the scheduler -----------------------------------------------------------------------------------------------
+
+def test_scheduler_from_a_spec_sets_the_starting_rate():
+    model = Net()
+    scheduler = DropoutScheduler(model, "constant:rate=0.15", max_iters=100)
+    assert scheduler.rates == (0.15,) * 3 and DropoutKnob(model).rates == (0.15,) * 3
+    assert DropoutScheduler(model, "pid", max_iters=100).rates == (0.0,) * 3  # PID starts at its bias
+    assert DropoutScheduler(model, "linear", max_iters=100).rates == (0.3,) * 3
+
+
+@pytest.mark.parametrize("spec", ["pidd", "pid:kp=fast", "constant:rate=2", "pid:gain=1", "ppo"])
+def test_scheduler_spec_errors_are_one_line(spec):
+    with pytest.raises(UserError) as e:
+        DropoutScheduler(Net(), spec, max_iters=10)
+    one_line(e)
+
+
+def test_scheduler_argument_errors_are_one_line():
+    for kwargs in ({"max_iters": 0}, {"max_iters": 10, "ema_beta": 1.0}):
+        with pytest.raises(UserError) as e:
+            DropoutScheduler(Net(), "pid", **kwargs)
+        one_line(e)
+    with pytest.raises(UserError) as e:
+        DropoutScheduler(lambda rates: rates, "pid", max_iters=10)
+    assert "n_layers" in one_line(e)
+    with pytest.raises(UserError) as e:
+        DropoutScheduler("model", "pid", max_iters=10)
+    one_line(e)
+    scheduler = DropoutScheduler(Net(), "pid", max_iters=10)
+    with pytest.raises(UserError) as e:
+        scheduler.step(-1)
+    one_line(e)
+    with pytest.raises(UserError) as e:
+        scheduler.load_state_dict(DropoutScheduler(Net(), "linear", max_iters=10).state_dict())
+    assert "controller 'linear'" in one_line(e)
+
+
+def test_scheduler_asks_the_controller_at_evaluations():
+    calls = []
+    scheduler = DropoutScheduler(lambda rates: calls.append(rates) or rates, make_controller(PID), max_iters=100,
+                                 n_layers=2)
+    assert calls == [(0.0, 0.0)]
+    scheduler.step(1, train_loss=3.0)
+    assert len(calls) == 1, "no evaluation: no control"
+    rates = scheduler.step(1, val_loss=3.5, eval_train_loss=3.0)
+    assert rates == pytest.approx((0.3, 0.3)) and calls[-1] == rates  # 0.2 * (gap 0.5 + 1)
+    stats = scheduler.stats()
+    assert (stats.iteration, stats.eval_iter, stats.eval_val_loss, stats.best_val_loss) == (1, 1, 3.5, 3.5)
+    assert stats.train_loss_smoothed == 3.0 and stats.rates == rates
+    scheduler.step(2, train_loss=3.0, control=True)  # a control step without a new evaluation holds PID's rate
+    assert calls[-1] == rates and len(calls) == 3
+    record = scheduler.record()
+    assert record["dropout/rate"] == pytest.approx(0.3) and "controller/p" in record
+
+
+def test_loss_tracker_smooths_a_logged_mean_as_its_steps():
+    per_step, logged = LossTracker(), LossTracker()
+    for loss in (4.0, 3.0):
+        for _ in range(10):
+            per_step.add_train_loss(loss)
+        logged.add_train_loss(loss, steps=10)
+    assert logged.train_loss_smoothed == pytest.approx(per_step.train_loss_smoothed)
+    no_eval = LossTracker()
+    no_eval.add_train_loss(2.5)
+    no_eval.add_eval(5, val_loss=3.0)  # no dropout-off train loss: the smoothed training loss stands in
+    assert (no_eval.eval_train_loss, no_eval.eval_val_loss) == (2.5, 3.0)
+
+
+def random_text(n: int = 4000) -> torch.Tensor:
+    """Token ids with structure a tiny model picks up in a few steps: a noisy repeated pattern over 65 symbols."""
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(0, 65, (97,), generator=g)
+    data = pattern.repeat(n // 97 + 1)[:n]
+    noise = torch.rand(n, generator=g) < 0.2
+    return torch.where(noise, torch.randint(0, 65, (n,), generator=g), data)
+
+
+def plain_loop(model, optimizer, scheduler, generator, start: int, end: int, data: torch.Tensor,
+               eval_interval: int = 2) -> list[tuple[float, ...]]:
+    """Train steps ``start..end`` with the scheduler; returns the rates set at each evaluation."""
+    val = data[3000:].unfold(0, 17, 16)[:8]
+    train_sample = data[:3000].unfold(0, 17, 16)[:8]
+
+    def loss_on(rows):
+        model.eval()
+        with torch.no_grad():
+            loss = model(rows[:, :-1], labels=rows[:, :-1]).loss.item()
+        model.train()
+        return loss
+
+    rates = []
+    for it in range(start, end):
+        if it % eval_interval == 0:
+            rates.append(scheduler.step(it, val_loss=loss_on(val), eval_train_loss=loss_on(train_sample)))
+        starts = torch.randint(0, 3000 - 17, (4,), generator=generator)
+        rows = torch.stack([data[s:s + 17] for s in starts.tolist()])
+        loss = model(rows, labels=rows).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(it + 1, train_loss=loss.item())
+    return rates
+
+
+def test_plain_loop_with_the_scheduler_drives_pid_and_resumes_exactly(tmp_path):
+    data = random_text()
+
+    def fresh():
+        model = tiny_gpt2(seed=7)
+        return (model, torch.optim.AdamW(model.parameters(), lr=3e-3), DropoutScheduler(model, PID, max_iters=12),
+                torch.Generator().manual_seed(1))
+
+    model, optimizer, scheduler, generator = fresh()
+    rates = plain_loop(model, optimizer, scheduler, generator, 0, 6, data)
+    torch.manual_seed(99)  # the checkpoint: everything a loop saves, the scheduler's plain-Python state included
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "dropout": scheduler.state_dict()}, tmp_path / "ckpt.pt")
+    json.dumps(scheduler.state_dict())  # plain Python
+    rates += plain_loop(model, optimizer, scheduler, generator, 6, 12, data)
+    assert len(set(rates)) == len(rates) == 6, "a new rate at every evaluation"
+    assert_rates_reach_the_model(model, scheduler.rates)
+
+    model2, optimizer2, scheduler2, generator2 = fresh()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    optimizer2.load_state_dict(ckpt["optimizer"])
+    generator2.set_state(ckpt["generator"])
+    scheduler2.load_state_dict(ckpt["dropout"])
+    assert DropoutKnob(model2).rates == rates[2]
+    torch.manual_seed(99)
+    resumed = plain_loop(model2, optimizer2, scheduler2, generator2, 6, 12, data)
+    assert resumed == rates[3:]
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
 # -- the core stays light -----------------------------------------------------------------------------------------
 
 def test_the_core_imports_neither_transformers_nor_lightning():
-    code = ("import sys, controllers, dyndrop, gpt, integrations, integrations.knob; "
+    code = ("import sys, controllers, dyndrop, gpt, integrations, integrations.knob, integrations.scheduler; "
             "heavy = [m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
