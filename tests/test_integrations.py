@@ -224,26 +224,29 @@ def recompiles_over(model: nn.Module, rates: tuple[float, ...]) -> int:
     counters.clear()
     knob = DropoutKnob(model)
     compiled = torch.compile(model, backend="aot_eager")  # dynamo's guards, not the backend, decide recompiles
-    x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(3))
+    x = torch.randn(4, 8)
     after_warmup = None
     for rate in rates:
         knob.set(rate)
         model.train()
-        compiled(x, labels=x).loss.backward()
+        compiled(x).sum().backward()
         model.eval()
         with torch.no_grad():
-            compiled(x, labels=x)
+            compiled(x)
         after_warmup = graphs() if after_warmup is None else after_warmup
     return graphs() - after_warmup
 
 
-@pytest.mark.slow
 def test_tensor_rates_cost_at_most_one_recompile():
-    plain = tiny_gpt2(n_embd=16)
-    assert recompiles_over(plain, (0.1, 0.2, 0.3)) >= 2  # a graph per rate (train and eval: both read the float)
-    swapped = tiny_gpt2(n_embd=16)
+    """Plain nn.Dropout: a graph per rate (train and eval both read the float). Swapped: one more graph when the
+    rate leaves 0, none after. (A Hugging Face GPT-2 in a compiled Trainer: tests/test_integrations_hf.py.)"""
+    def mlp():
+        return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1), nn.ReLU(), nn.Linear(8, 8), nn.Dropout(0.1))
+
+    assert recompiles_over(mlp(), (0.1, 0.2, 0.3)) >= 3  # 4 with torch 2.13
+    swapped = mlp()
     swap_dropout(swapped)
-    assert recompiles_over(swapped, (0.0, 0.1, 0.2, 0.0, 0.3, 0.05)) <= 1  # only rate 0 <-> non-zero
+    assert recompiles_over(swapped, (0.0, 0.1, 0.2, 0.0, 0.3, 0.05)) == 1
 
 
 # -- the scheduler -----------------------------------------------------------------------------------------------
