@@ -56,14 +56,15 @@ def tensor_rate_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    q_length, kv_length = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_length = query.shape[2]
+    causal = attention_mask is None and q_length > 1 and (
+        is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if causal:  # sdpa's is_causal: query i sees keys 0..i, after transformers crops longer keys to the queries
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+        attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
     scores = (query @ key.transpose(-1, -2)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
     if kwargs.get("position_bias") is not None:
-        scores = scores + kwargs["position_bias"]
-    if attention_mask is None and causal and q_length > 1:
-        # sdpa's is_causal: query i sees keys 0..i (transformers crops longer keys to the queries first)
-        attention_mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril()
+        scores = scores + kwargs["position_bias"][..., :key.shape[2]]
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
