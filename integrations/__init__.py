@@ -6,6 +6,6 @@ Hugging Face ``transformers`` and Lightning.
 Imports ``controllers`` and ``dyndrop``, never ``gpt``, ``envs``, ``experiments`` or ``runs``.
 """
 from .knob import DropoutKnob, DropoutSite, TensorRateDropout, swap_dropout
-from .scheduler import DropoutScheduler, LossTracker
+from .scheduler import DropoutScheduler, LossTracker, rate_record
 
-__all__ = ["DropoutKnob", "DropoutScheduler", "DropoutSite", "LossTracker", "TensorRateDropout", "swap_dropout"]
+__all__ = ["DropoutKnob", "DropoutScheduler", "DropoutSite", "LossTracker", "TensorRateDropout", "rate_record", "swap_dropout"]

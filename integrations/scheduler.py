@@ -101,6 +101,15 @@ class LossTracker:
             setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
 
 
+def rate_record(iteration: int, rates: Sequence[float]) -> dict[str, Any]:
+    """The metrics record of the rates set at ``iteration``: ``dropout/rate``, the mean over layers, and
+    ``dropout/layer_i``, each layer's, when they differ."""
+    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
+    if len(set(rates)) > 1:
+        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
+    return record
+
+
 class DropoutScheduler:
     """A controller setting a model's dropout during training, used like a learning-rate scheduler.
 
@@ -192,12 +201,10 @@ class DropoutScheduler:
         return tuple(float(r) for r in self.set_rates(rates))
 
     def record(self) -> dict[str, Any]:
-        """The rates and the controller's internals, as one metrics record: ``dropout/rate`` (the mean over
-        layers), ``dropout/layer_i`` when the layers differ, ``controller/*``."""
-        record: dict[str, Any] = {"iter": self.iteration, "dropout/rate": sum(self.rates) / len(self.rates)}
-        if len(set(self.rates)) > 1:
-            record.update({f"dropout/layer_{i}": r for i, r in enumerate(self.rates)})
-        return record | {f"controller/{k}": v for k, v in self.controller.internals().items()}
+        """The metrics record of the last control step: :func:`rate_record` and the controller's internals
+        (``controller/*``)."""
+        internals = {f"controller/{k}": v for k, v in self.controller.internals().items()}
+        return rate_record(self.iteration, self.rates) | internals
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed loop needs, in plain Python (JSON- and ``torch.load(weights_only=True)``-safe)."""

@@ -12,7 +12,7 @@ ALLOWED = {
     "dyndrop": set(),
     "controllers": {"dyndrop"},
     "integrations": {"controllers", "dyndrop"},  # and torch; transformers and lightning only in hf.py, lightning.py
-    "gpt": {"controllers", "dyndrop"},
+    "gpt": {"integrations", "controllers", "dyndrop"},
     "envs": {"gpt", "controllers", "dyndrop"},
     "experiments": {"gpt", "controllers", "dyndrop"},
     "bench": {"experiments", "envs", "gpt", "controllers", "dyndrop"},
