@@ -17,6 +17,12 @@ from controllers import make_controller
 from dyndrop import UserError
 from integrations import DropoutKnob, DropoutScheduler, LossTracker, TensorRateDropout, swap_dropout
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The cores are shared: one thread each (tests/conftest.py gives the module's setting back afterwards)."""
+    torch.set_num_threads(1)
+
+
 PID = "pid:signal=gap,setpoint=-1,kp=0.2,ki=0,start=0,max_rate=0.5"
 """A PID whose rate is 0.2 * (gap + 1): non-zero from the first evaluation, and new at each one (the gap moves)."""
 

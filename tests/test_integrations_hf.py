@@ -18,6 +18,12 @@ from integrations.hf import DynamicDropoutCallback  # noqa: E402
 from test_integrations import PID, assert_rates_reach_the_model, one_line, random_text, tiny_gpt2  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The cores are shared: one thread each (tests/conftest.py gives the module's setting back afterwards)."""
+    torch.set_num_threads(1)
+
+
 class Windows(Dataset):
     def __init__(self, data: torch.Tensor, stride: int, limit: int = 0) -> None:
         rows = data.unfold(0, 16, stride)

@@ -20,6 +20,12 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|dirpath has changed|dataloader is not resumable)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The cores are shared: one thread each (tests/conftest.py gives the module's setting back afterwards)."""
+    torch.set_num_threads(1)
+
+
 class TinyGPT2(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
