@@ -73,7 +73,7 @@ class LossTracker:
         if steps < 1:
             raise UserError(f"train_steps={steps} must be at least 1")
         keep = self.ema_beta ** steps
-        self.ema = keep * self.ema + (1.0 - keep) * float(loss)
+        self.ema = float(loss) if keep == 0.0 else keep * self.ema + (1.0 - keep) * float(loss)  # 0 * nan is nan
         self.ema_steps += steps
 
     def add_eval(self, iteration: int, val_loss: float, train_loss: float | None = None) -> None:
@@ -122,13 +122,15 @@ class DropoutScheduler:
     :param n_layers: the number of rates ``target`` takes when it is a function.
     :param layers: the knob's ``layers`` argument when ``target`` is a model.
     :param ema_beta: :class:`LossTracker`'s smoothing of the training loss.
+    :param tracker: the measurements to read and extend, e.g. a trainer's own; None: a new ``LossTracker(ema_beta)``.
 
     At construction the controller is reset and asked once, with no evaluation yet, so the model trains from the
     first step at the controller's starting rate (``constant:rate=0.1``: 0.1; ``pid``: its bias, 0).
     """
 
     def __init__(self, target: nn.Module | DropoutKnob | RateSetter, controller: str | Controller, max_iters: int,
-                 *, n_layers: int | None = None, layers: str | None = "auto", ema_beta: float = 0.9) -> None:
+                 *, n_layers: int | None = None, layers: str | None = "auto", ema_beta: float = 0.9,
+                 tracker: LossTracker | None = None) -> None:
         if isinstance(target, nn.Module):
             target = DropoutKnob(target, layers)
         if isinstance(target, DropoutKnob):
@@ -148,7 +150,7 @@ class DropoutScheduler:
             raise UserError(f"controller must be a spec such as 'pid' or a Controller, not {type(controller).__name__}")
         self.controller = controller
         self.max_iters = max_iters
-        self.tracker = LossTracker(ema_beta)
+        self.tracker = tracker if tracker is not None else LossTracker(ema_beta)
         self.iteration = 0
         self.rates = self.knob.rates if self.knob is not None else (0.0,) * self.n_layers  # before the first control
         controller.reset(self.n_layers)

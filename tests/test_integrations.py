@@ -317,6 +317,10 @@ def test_loss_tracker_smooths_a_logged_mean_as_its_steps():
             per_step.add_train_loss(loss)
         logged.add_train_loss(loss, steps=10)
     assert logged.train_loss_smoothed == pytest.approx(per_step.train_loss_smoothed)
+    unsmoothed = LossTracker(ema_beta=0.0)  # a loop that passes its own smoothed loss
+    for loss in (float("nan"), 2.0, 1.5):
+        unsmoothed.add_train_loss(loss)
+    assert unsmoothed.train_loss_smoothed == 1.5
     no_eval = LossTracker()
     no_eval.add_train_loss(2.5)
     no_eval.add_eval(5, val_loss=3.0)  # no dropout-off train loss: the smoothed training loss stands in
