@@ -160,7 +160,8 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     from ray import tune
 
     from gpt.data import shared_data
-    from gpt.tracking import eval_record, rate_record
+    from gpt.tracking import eval_record
+    from integrations import rate_record
     from gpt.trainer import Diverged, Trainer, resolve_device
 
     if job.threads:

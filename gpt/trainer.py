@@ -30,7 +30,9 @@ from dyndrop import UserError
 from .config import TrainConfig
 from .data import BatchSampler, CharData, EvalBatches, fixed_eval_batches
 from .model import GPT, GPTConfig
-from .tracking import RunLogger, control_record, eval_record, train_record
+from integrations import DropoutScheduler
+
+from .tracking import RunLogger, eval_record, train_record
 
 EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
 CHECKPOINT_VERSION = 1
@@ -342,8 +344,10 @@ class Trainer:
         self._warm: set[str] = set()
         self._resumed = False
         self.checkpoints = CheckpointWriter()
-        self.controller.reset(cfg.n_layer)
-        self.model.set_dropout(0.0)
+        # control goes through the same scheduler a foreign training loop uses; the trainer builds the stats itself
+        self.dropout = DropoutScheduler(self.model.set_dropout, self.controller, max(cfg.max_iters, 1),
+                                        n_layers=cfg.n_layer, ask_now=False)
+        self.model.set_dropout(0.0)  # until the first control step, after the first evaluation
 
     # -- the pieces ---------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
@@ -467,9 +471,9 @@ class Trainer:
 
     def control(self) -> tuple[float, ...]:
         """Ask the controller for the next rate, apply it, log the rates and the controller's internals."""
-        rates = self.model.set_dropout(self.controller.update(self.stats()))  # update() checked them
+        rates = self.dropout.control(self.stats())
         if self.logger:
-            self.logger.log(control_record(self.iteration, rates, self.controller))
+            self.logger.log(self.dropout.record())
         return rates
 
     def _note_warmup(self, kind: str) -> None:

@@ -123,14 +123,15 @@ class DropoutScheduler:
     :param layers: the knob's ``layers`` argument when ``target`` is a model.
     :param ema_beta: :class:`LossTracker`'s smoothing of the training loss.
     :param tracker: the measurements to read and extend, e.g. a trainer's own; None: a new ``LossTracker(ema_beta)``.
-
-    At construction the controller is reset and asked once, with no evaluation yet, so the model trains from the
-    first step at the controller's starting rate (``constant:rate=0.1``: 0.1; ``pid``: its bias, 0).
+    :param ask_now: at construction the controller is reset and, with this, asked once with no evaluation yet, so
+        the model trains from the first step at the controller's starting rate (``constant:rate=0.1``: 0.1;
+        ``pid``: its bias, 0). False for a loop whose first control step comes before its first training step
+        (the project's trainer: evaluate, control, train): the controller then sees exactly the loop's steps.
     """
 
     def __init__(self, target: nn.Module | DropoutKnob | RateSetter, controller: str | Controller, max_iters: int,
                  *, n_layers: int | None = None, layers: str | None = "auto", ema_beta: float = 0.9,
-                 tracker: LossTracker | None = None) -> None:
+                 tracker: LossTracker | None = None, ask_now: bool = True) -> None:
         if isinstance(target, nn.Module):
             target = DropoutKnob(target, layers)
         if isinstance(target, DropoutKnob):
@@ -154,7 +155,8 @@ class DropoutScheduler:
         self.iteration = 0
         self.rates = self.knob.rates if self.knob is not None else (0.0,) * self.n_layers  # before the first control
         controller.reset(self.n_layers)
-        self.rates = self._apply(controller.update(self.stats()))
+        if ask_now:
+            self.rates = self._apply(controller.update(self.stats()))
 
     @property
     def max_iters(self) -> int:
@@ -196,7 +198,14 @@ class DropoutScheduler:
         elif eval_train_loss is not None:
             raise UserError("eval_train_loss without val_loss: pass both losses of an evaluation together")
         if control or (control is None and val_loss is not None):
-            self.rates = self._apply(self.controller.update(self.stats(lr, grad_norm, tokens_per_s)))
+            self.control(self.stats(lr, grad_norm, tokens_per_s))
+        return self.rates
+
+    def control(self, stats: TrainingStats) -> tuple[float, ...]:
+        """One control step from ``stats``: ask the controller, set its rates, return them. :meth:`step` calls it with
+        the tracker's view; a loop that keeps its own measurements (the project's trainer) calls it directly."""
+        self.iteration = stats.iteration
+        self.rates = self._apply(self.controller.update(stats))
         return self.rates
 
     def _apply(self, rates: Rate) -> tuple[float, ...]:

@@ -13,9 +13,9 @@ ALLOWED = {
     "controllers": {"dyndrop"},
     "integrations": {"controllers", "dyndrop"},  # and torch; transformers and lightning only in hf.py, lightning.py
     "gpt": {"integrations", "controllers", "dyndrop"},
-    "envs": {"gpt", "controllers", "dyndrop"},
-    "experiments": {"gpt", "controllers", "dyndrop"},
-    "bench": {"experiments", "envs", "gpt", "controllers", "dyndrop"},
+    "envs": {"gpt", "integrations", "controllers", "dyndrop"},
+    "experiments": {"gpt", "integrations", "controllers", "dyndrop"},
+    "bench": {"experiments", "envs", "gpt", "integrations", "controllers", "dyndrop"},
 }
 
 
