@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Controller, Rate, TrainingStats, register, require_fraction, require_rate_range
+from .base import (Controller, Rate, TrainingStats, describe_schedule, register, require_fraction,
+                   require_rate_range)
 from .features import slope
 
 SIGNALS = ("transfer", "gap_slope", "gap", "rel_gap", "above_best", "val_slope")
@@ -136,6 +137,7 @@ class PIDController(Controller):
         self.recent: list[tuple[float, ...]] = []
         self.first_log_train: float | None = None
         self.raised_at: list[float] | None = None  # [iteration, measurement] when the output first left the bias
+        self.peak = -math.inf  # the highest measurement so far
         self.prev_measurement: float | None = None
         self.i_term = 0.0
         self.d_state = [0.0]  # lfilter's zi: (1 - d_filter) * previous filtered derivative
@@ -219,11 +221,34 @@ class PIDController(Controller):
         self.i_term = min(max(self.i_term, self.min_rate - self.bias), self.max_rate - self.bias)
 
         self.output = self._clamp(self.bias + p + self.i_term + d)
+        self.peak = max(self.peak, measurement)
         if self.raised_at is None and self.output > self.bias + 1e-9:
             self.raised_at = [float(stats.eval_iter), float(measurement)]
         self.p_term, self.d_term, self.error, self.measurement = p, d, error, measurement
         self.prev_t, self.prev_measurement = t, measurement
         return self.output
+
+    def _words(self, measurement: float) -> str:
+        """A measurement of the signal in words."""
+        if self.signal == "transfer":
+            return f"{measurement:.0%} of the training loss's improvement failed to reach val"
+        units = {"gap_slope": "the gap grew {:.2f} nats per run", "val_slope": "val changed {:.2f} nats per run",
+                 "gap": "the gap was {:.3f} nats", "rel_gap": "the gap was {:.1%} of val",
+                 "above_best": "val was {:.3f} nats above its best"}
+        return units[self.signal].format(measurement)
+
+    def explain(self, changes, max_iters: int) -> str:
+        """``PID held 0 until iteration 240, when 97% of the training loss's improvement failed to reach val
+        (setpoint 80%); then 0.1-0.3; mean rate 0.17``."""
+        setpoint = f"{self.setpoint:.0%}" if self.signal == "transfer" else f"{self.setpoint:g}"
+        schedule = describe_schedule(changes, max_iters)
+        if self.raised_at is None:
+            peak = self._words(self.peak) if math.isfinite(self.peak) else "nothing was measured"
+            return f"PID ({self.signal}) held {self.bias:g} all run: at most {peak} (setpoint {setpoint}); {schedule}"
+        it, measured = self.raised_at
+        _, _, after = schedule.partition(", then ")
+        return (f"PID ({self.signal}) held {self.bias:g} until iteration {int(it)}, when {self._words(measured)} "
+                f"(setpoint {setpoint}); then {after or schedule}")
 
     def internals(self) -> dict[str, float]:
         return {
@@ -252,6 +277,7 @@ class PIDController(Controller):
             "output": float(self.output),
             "first_log_train": self.first_log_train,
             "raised_at": self.raised_at,
+            "peak": self.peak if math.isfinite(self.peak) else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,3 +296,4 @@ class PIDController(Controller):
         self.output = float(state["output"])
         self.first_log_train = opt(state.get("first_log_train"))
         self.raised_at = [float(v) for v in state["raised_at"]] if state.get("raised_at") else None
+        self.peak = -math.inf if state.get("peak") is None else float(state["peak"])

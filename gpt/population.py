@@ -285,6 +285,7 @@ class PopulationTrainer:
         self._ema[k].zero_()
         self._ema_steps[k] = 0
         self.controllers[k].reset(self.cfg.n_layer)
+        self.dropout[k].changes = []
         self.set_dropout(k, 0.0)
 
     def stats(self, k: int) -> TrainingStats:
@@ -464,5 +465,6 @@ class PopulationTrainer:
         self.inference[k] = inference
         summary = run_summary(member_cfg, h, self.iterations[k], self.controllers[k], inference, self.device,
                               self.data, list(self.model.rates[k]), compile=False, recompiles=0)
+        summary["controller_explanation"] = self.dropout[k].explain()
         summary["batched_members"] = self.K  # K runs trained as one batched model (PBT's own is pbt_population)
         return summary

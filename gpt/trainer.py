@@ -541,8 +541,9 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """The run's figures (what ``summary.json`` holds)."""
-        return run_summary(self.cfg, self.history, self.iteration, self.controller, self.inference, self.device,
-                           self.data, list(self.model.rates), compile=self.use_compile, recompiles=self.recompiles)
+        summary = run_summary(self.cfg, self.history, self.iteration, self.controller, self.inference, self.device,
+                              self.data, list(self.model.rates), compile=self.use_compile, recompiles=self.recompiles)
+        return {**summary, "controller_explanation": self.dropout.explain()}
 
     def measure_inference(self) -> InferenceSample:
         """:func:`measure_inference` of the model as it is."""
@@ -557,7 +558,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "rates": list(self.model.rates), "controller": self.controller.state_dict(),
-            "controller_name": self.controller.name, "data": self.data.record(),
+            "controller_name": self.controller.name, "rate_changes": [list(c) for c in self.dropout.changes],
+            "data": self.data.record(),
             "history": asdict(self.history), "meta": self.meta,
             "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
@@ -605,6 +607,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.controller.load_state_dict(ckpt["controller"])
+        self.dropout.changes = [(int(it), float(r)) for it, r in ckpt.get("rate_changes", [])]
         self.set_dropout(tuple(ckpt["rates"]))
         self.iteration = ckpt["iteration"]
         self.history = TrainingHistory.from_dict(ckpt["history"])

@@ -154,6 +154,7 @@ class DropoutScheduler:
         self.tracker = tracker if tracker is not None else LossTracker(ema_beta)
         self.iteration = 0
         self.rates = self.knob.rates if self.knob is not None else (0.0,) * self.n_layers  # before the first control
+        self.changes: list[tuple[int, float]] = []  # (iteration, mean rate) where the rate changed
         controller.reset(self.n_layers)
         if ask_now:
             self.rates = self._apply(controller.update(self.stats()))
@@ -206,7 +207,14 @@ class DropoutScheduler:
         the tracker's view; a loop that keeps its own measurements (the project's trainer) calls it directly."""
         self.iteration = stats.iteration
         self.rates = self._apply(self.controller.update(stats))
+        mean = sum(self.rates) / len(self.rates)
+        if not self.changes or self.changes[-1][1] != mean:
+            self.changes.append((stats.iteration, mean))
         return self.rates
+
+    def explain(self) -> str:
+        """What the controller did in this run, in one line (:meth:`controllers.Controller.explain`)."""
+        return self.controller.explain(self.changes, self.max_iters)
 
     def _apply(self, rates: Rate) -> tuple[float, ...]:
         return tuple(float(r) for r in self.set_rates(rates))
@@ -220,7 +228,8 @@ class DropoutScheduler:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed loop needs, in plain Python (JSON- and ``torch.load(weights_only=True)``-safe)."""
         return {"controller_name": self.controller.name, "controller": self.controller.state_dict(),
-                "tracker": self.tracker.state_dict(), "iteration": self.iteration, "rates": list(self.rates)}
+                "tracker": self.tracker.state_dict(), "iteration": self.iteration, "rates": list(self.rates),
+                "changes": [list(c) for c in self.changes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output: the controller's state, the measurements, and the rates,
@@ -232,3 +241,4 @@ class DropoutScheduler:
         self.tracker.load_state_dict(state["tracker"])
         self.iteration = int(state["iteration"])
         self.rates = self._apply(tuple(float(r) for r in state["rates"]))
+        self.changes = [(int(it), float(r)) for it, r in state.get("changes", [])]
