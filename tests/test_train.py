@@ -48,7 +48,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["--controller", "pid:signal=gap,kp=2.0,ki=2.0,start=0", *SHORT, "--max-iters", "60"]
+    args = ["--controller", "pid:signal=gap,setpoint=0,kp=2.0,ki=2.0,start=0", *SHORT, "--max-iters", "60"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert cli([*args, "--out", str(full)]) == 0
 
