@@ -8,7 +8,7 @@ import numpy as np
 
 from .base import (Controller, Rate, TrainingStats, describe_schedule, register, require_fraction,
                    require_rate_range)
-from .features import slope
+from .features import SPAN, memorised, slope
 
 SIGNALS = ("transfer", "gap_slope", "gap", "rel_gap", "above_best", "val_slope")
 LEGACY = {"setpoint": 0.8, "kp": 0.2, "ki": 1.0, "kd": 0.0, "window": 5, "start": 0.1}
@@ -18,9 +18,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     **{name: LEGACY for name in SIGNALS if name != "transfer"},
 }
 """Each signal's defaults for the parameters a spec leaves out (``pid:signal=gap_slope`` is the first PID)."""
-SPAN = 0.05
-"""The transfer signal's window: the evaluations since the training loss was this much higher, in log units (5 %)."""
-
 
 @register
 class PIDController(Controller):
@@ -157,18 +154,12 @@ class PIDController(Controller):
         return max(self.prev_t or 0.0, fallen) if math.isfinite(fallen) else (self.prev_t or 0.0)
 
     def _transfer(self, stats: TrainingStats) -> float:
-        """1 - d log(val) / d log(train) over the evaluations since log train was ``span`` higher (nan with fewer
-        than two, or while the training loss has not moved)."""
+        """:func:`~controllers.features.memorised` with this evaluation added (nan without positive losses)."""
         if not (stats.eval_train_loss > 0 and stats.eval_val_loss > 0):
             return math.nan
         point = (math.log(stats.eval_train_loss), math.log(stats.eval_val_loss))
-        self.recent = self.recent + [point]
-        first = max((i for i, (lt, _) in enumerate(self.recent) if lt >= point[0] + self.span), default=0)
-        self.recent = self.recent[first:]
-        trains = [lt for lt, _ in self.recent]
-        if len(self.recent) < 2 or max(trains) - min(trains) < 1e-6:
-            return math.nan
-        return 1.0 - slope(trains, [lv for _, lv in self.recent])
+        value, self.recent = memorised(self.recent + [point], self.span)
+        return value
 
     def _measure(self, stats: TrainingStats, t: float) -> float:
         if self.signal == "transfer":

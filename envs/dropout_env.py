@@ -20,6 +20,8 @@ from gpt import Diverged, Trainer, make_config, shared_data
 from gpt.config import MAX_SEED, TrainConfig
 from gpt.trainer import resolve_device
 
+from .micro import DECISIONS, EVAL_REGIMES, LENGTHS, MICRO, TRAIN_REGIMES, micro_regime
+
 REWARDS = ("best_val", "val", "final")
 
 EPISODES: dict[str, dict[str, Any]] = {
@@ -30,6 +32,8 @@ EPISODES: dict[str, dict[str, Any]] = {
                     config={"train_chars": 8000, "n_layer": 3, "n_embd": 128}),
     # The first default: the whole training split; the tiny model still underfits at the end, rate 0 is best.
     "tiny": dict(preset="tiny", max_iters=160, interval=16, config={}),
+    # A family, one micro-regime drawn per episode from the instance's seed (envs.micro): PPO's training episodes.
+    MICRO: dict(preset="tiny", max_iters=max(LENGTHS), interval=max(LENGTHS) // DECISIONS, config={}, family=True),
 }
 """Named episode configurations: the preset, episode length, control interval and setting overrides."""
 DEFAULT_EPISODE = "overfit"
@@ -110,6 +114,7 @@ class DropoutEnv(gym.Env):
         if episode not in EPISODES:
             raise UserError(f"unknown episode {episode!r}; choose one of: {', '.join(EPISODES)}")
         named = EPISODES[episode]
+        self.length_given = (max_iters, interval)  # a family's own lengths give way to these (tests shorten runs)
         preset = preset if preset is not None else named["preset"]
         max_iters = max_iters if max_iters is not None else named["max_iters"]
         interval = interval if interval is not None else named["interval"]
@@ -133,6 +138,9 @@ class DropoutEnv(gym.Env):
         self.p_min, self.p_max, self.per_layer = p_min, p_max, per_layer
         self.reward_kind, self.reward_scale = reward, reward_scale
         self.terminal_weight, self.divergence_penalty = terminal_weight, divergence_penalty
+        self.family = bool(named.get("family"))
+        if self.family and train_seeds is TRAIN_SEEDS and eval_seeds is EVAL_SEEDS:  # the family's own instances
+            train_seeds, eval_seeds = TRAIN_REGIMES, EVAL_REGIMES
         self.split, self.train_seeds, self.eval_seeds = split, tuple(train_seeds), tuple(eval_seeds)
         self.config_overrides = {**named["config"], **(config or {})}
         self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
@@ -158,9 +166,7 @@ class DropoutEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self.instance = draw_instance(self.np_random, options, self.split, self.train_seeds, self.eval_seeds)
-        cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
-                             **self.config_overrides)
-        self.trainer = Trainer(cfg, data=self.data)  # no controller: the env sets the rate itself
+        self.trainer = Trainer(self.config_for(self.instance), data=self.data)  # no controller: the env sets the rate
         self.trainer.evaluate()
         stats = self.trainer.stats()
         return self.score.start(stats), self._info(stats)
@@ -174,7 +180,7 @@ class DropoutEnv(gym.Env):
         trainer = self.trainer
         rates = trainer.set_dropout(action_to_rates(action, self.p_min, self.p_max, self.base_config.n_layer))
         try:
-            trainer.advance(min(self.interval, self.max_iters - trainer.iteration))
+            trainer.advance(min(trainer.cfg.eval_interval, trainer.cfg.max_iters - trainer.iteration))
             trainer.evaluate()
         except Diverged:
             stats = trainer.stats()
@@ -182,7 +188,7 @@ class DropoutEnv(gym.Env):
             obs, reward = self.score.diverged(stats)
             return obs, reward, True, False, {**self._info(stats), "diverged": True}
         stats = trainer.stats()
-        done = trainer.iteration >= self.max_iters
+        done = trainer.iteration >= trainer.cfg.max_iters
         obs, reward = self.score.step(stats, done)
         if done:
             self.trainer = None  # gymnasium's rule: a finished episode steps again only after reset()
@@ -190,6 +196,19 @@ class DropoutEnv(gym.Env):
 
     def _info(self, stats: TrainingStats) -> dict[str, Any]:
         return episode_info(self.instance, stats)
+
+    def config_for(self, instance: int, seed: int | None = None) -> TrainConfig:
+        """The run of an episode of ``instance``, trained with ``seed`` (default: the instance): the named
+        configuration, or for a family the instance's micro-regime (:func:`envs.micro.micro_regime`); the env's
+        ``config`` overrides on top."""
+        seed = instance if seed is None else seed
+        if not self.family:
+            return episode_config(self.preset, self.max_iters, self.interval, seed=seed, **self.config_overrides)
+        regime = micro_regime(instance)
+        max_iters, interval = (given or own for given, own in zip(self.length_given,
+                                                                  (regime["max_iters"], regime["interval"])))
+        return episode_config(regime["preset"], max_iters, interval, seed=seed,
+                              **{**regime["config"], **self.config_overrides})
 
 
 def episode_info(instance: int, stats: TrainingStats) -> dict[str, Any]:

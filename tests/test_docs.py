@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("train", "train_policy", "eval_policy", "compare", "report", "bench", "convert_policy", "pbt")
+COMMANDS = ("train", "train_policy", "eval_policy", "compare", "suite", "report", "bench", "convert_policy", "pbt")
 # options of other tools the docs show (pip, pytest, wandb, ray start, the GPU check's environment)
 FOREIGN = {"--summary", "--json", "--help", "--no-deps", "--user", "--head", "--port"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

@@ -12,7 +12,6 @@ second half of the last 10 %). ``--out DIR`` receives ``result.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared import CharSplits, default_text, gpt2, random_windows, windows  # noqa: E402
+from shared import CharSplits, gpt2, parser, random_windows, windows  # noqa: E402
 
 from integrations import DropoutScheduler  # noqa: E402
 
@@ -43,21 +42,11 @@ def mean_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int = 128)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--controller", default="pid", help="controller spec: pid, constant:rate=0.1, ppo:policy=P, ...")
-    p.add_argument("--seed", type=int, default=1, help="seeds the weights and the batches")
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="folder for result.json (none: print only)")
-    p.add_argument("--data", default=default_text(), help="any UTF-8 text file (default: tinyshakespeare)")
-    p.add_argument("--train-chars", type=int, default=20_000, help="training characters used (0: all)")
-    p.add_argument("--max-iters", type=int, default=2000, help="optimizer steps")
-    p.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (= control steps)")
-    p.add_argument("--eval-iters", type=int, default=0, help="windows per evaluation split (0: the whole val split)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    p.add_argument("--block-size", type=int, default=64, help="characters per window")
     p.add_argument("--n-layer", type=int, default=2, help="GPT-2 layers")
     p.add_argument("--n-embd", type=int, default=64, help="GPT-2 width")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW learning rate (cosine decay to 10 %%)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

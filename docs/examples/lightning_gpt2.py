@@ -8,7 +8,6 @@ split (logged as ``val_loss``) and as many windows of the training characters (`
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared import CharSplits, default_text, gpt2, random_windows, windows  # noqa: E402
+from shared import CharSplits, gpt2, parser, random_windows, windows  # noqa: E402
 
 import lightning as L  # noqa: E402
 
@@ -68,17 +67,7 @@ class CharGPT2(L.LightningModule):
 
 
 def main(argv: list[str] | None = None) -> L.Trainer:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--controller", default="pid", help="controller spec: pid, constant:rate=0.1, ...")
-    p.add_argument("--seed", type=int, default=1, help="seeds the weights and the batches")
-    p.add_argument("--data", default=default_text(), help="any UTF-8 text file (default: tinyshakespeare)")
-    p.add_argument("--train-chars", type=int, default=20_000, help="training characters used (0: all)")
-    p.add_argument("--max-iters", type=int, default=2000, help="optimizer steps")
-    p.add_argument("--eval-interval", type=int, default=100, help="steps between validations (= control steps)")
-    p.add_argument("--eval-iters", type=int, default=0, help="windows per evaluation split (0: the whole val split)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    p.add_argument("--block-size", type=int, default=64, help="characters per window")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p = parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

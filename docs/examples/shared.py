@@ -5,6 +5,7 @@ of the last 10 %, test = the second half. Weights are selected on val; test is s
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,22 @@ def default_text() -> str | None:
         if path.is_file():
             return str(path)
     return None
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every example takes: the controller, the seed, the text and the run's size."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--controller", default="pid", help="controller spec: pid, constant:rate=0.1, ppo:policy=P, ...")
+    p.add_argument("--seed", type=int, default=1, help="seeds the weights and the batches")
+    p.add_argument("--data", default=default_text(), help="any UTF-8 text file (default: tinyshakespeare)")
+    p.add_argument("--train-chars", type=int, default=20_000, help="training characters used (0: all)")
+    p.add_argument("--max-iters", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (= control steps)")
+    p.add_argument("--eval-iters", type=int, default=0, help="windows per evaluation split (0: the whole val split)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    p.add_argument("--block-size", type=int, default=64, help="characters per window")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return p
 
 
 @dataclass
