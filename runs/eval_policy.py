@@ -54,6 +54,12 @@ def episode_setup(spec: str, episode: str | None) -> dict[str, Any]:
             raise UserError("--episode is for controllers other than ppo: a policy runs the episodes it was "
                             "trained on")
         meta = read_metadata(spec_policy(spec))
+        from envs import EPISODES
+
+        if EPISODES.get(meta.get("episode"), {}).get("family"):
+            raise UserError(f"policy {spec_policy(spec)} was trained on the {meta['episode']} family, whose episodes "
+                            "differ per instance: see its learning curve (python -m runs.report on its folder), or "
+                            "score it on the suite: python -m runs.suite --controllers ppo:policy=PATH")
         return {k: meta[k] for k in ("preset", "max_iters", "interval", "config", "train_seeds", "eval_seeds")}
     from envs import DEFAULT_EPISODE, EPISODES, EVAL_SEEDS, TRAIN_SEEDS
     name = episode or DEFAULT_EPISODE

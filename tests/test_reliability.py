@@ -143,11 +143,12 @@ def test_a_crafted_file_named_like_a_policy_runs_nothing(tmp_path, capsys):
     evil = crafted_zip(tmp_path / "evil.zip", marker)
     fake = tmp_path / "evil.safetensors"
     fake.write_bytes(evil.read_bytes())
+    from controllers.features import Featurizer
     from controllers.policy_file import POLICY_FORMAT, sha256_of
     meta = json.loads(evil.with_suffix(".json").read_text())
     fake.with_suffix(".json").write_text(json.dumps({
         **meta, "format": POLICY_FORMAT, "weights_sha256": sha256_of(fake),
-        "network": {"obs_dim": 10, "n_actions": 1, "net_arch": [64, 64], "activation": "tanh", "log_std_init": 0.0}}))
+        "network": {"obs_dim": Featurizer.dim, "n_actions": 1, "net_arch": [64, 64], "activation": "tanh", "log_std_init": 0.0}}))
     code, err = call("train", ["--controller", "ppo", "--policy", str(fake), *TINY, "--out", str(tmp_path / "r")], capsys)
     one_line_error(code, err, "safetensors")
     assert not marker.exists()
