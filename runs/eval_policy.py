@@ -20,6 +20,7 @@ from typing import Any
 
 from controllers import make_controller, parse_controllers, spec_name, spec_policy, with_policy
 from controllers.policy_file import read_metadata
+from controllers.specs import canonical_spec
 from dyndrop import UserError
 from dyndrop.folders import FolderLock
 from gpt.config import MAX_SEED
@@ -71,7 +72,7 @@ def check_args(args: argparse.Namespace) -> str:
     bad_seeds = [s for s in args.seeds or [] if not 0 <= s <= MAX_SEED]
     if bad_seeds:
         raise UserError(f"--seeds {bad_seeds[0]} is invalid: seeds must be in [0, {MAX_SEED}]")
-    spec = with_policy(args.controller, args.policy)
+    spec = canonical_spec(with_policy(args.controller, args.policy))  # as the baselines' specs: one row each
     if args.policy is not None and spec_name(spec) != "ppo":
         raise UserError(f"--policy is for a ppo controller, and --controller is {args.controller!r}")
     return spec
