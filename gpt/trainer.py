@@ -10,6 +10,7 @@ are written by a background thread from a host snapshot.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -174,15 +175,23 @@ def fsync_dir(folder: Path) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside ``path``, flushed to disk, then renamed: a reader (or a resume after a
-    crash or power loss) sees the old file or the new one, never half of one."""
+    crash or power loss) sees the old file or the new one, never half of one.
+
+    The bytes are made in memory first and written by Python: torch's own file writer reports a failed write (a
+    full disk) as a ``RuntimeError`` ("unexpected pos"), which hides the cause. Raises ``OSError`` naming ``path``.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
