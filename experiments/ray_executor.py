@@ -226,13 +226,14 @@ def run_on_ray(jobs: list[tuple[Trial, TrialJob]], out: Path, address: str | Non
 
 
 def cancel(ray: Any, refs: list[Any]) -> None:
-    """Stop the trials of ``refs``: first as Ctrl-C would (each task's ``KeyboardInterrupt`` removes its temp
-    folder), then, after :data:`CANCEL_GRACE_S` seconds, by killing the workers that still run one."""
+    """Stop the trials of ``refs``: as Ctrl-C would (each task's ``KeyboardInterrupt`` removes its temp folder),
+    then, after :data:`CANCEL_GRACE_S` seconds, by killing the workers of those still running. Only those: Ray
+    aborts the driver ("Tried to complete task that was not pending") when a task it force-cancels is finishing."""
     for ref in refs:
         ray.cancel(ref)
     try:
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
     except Exception:  # noqa: BLE001 - a cluster that is going away: the forced cancel below is all that is left
-        pass
-    for ref in refs:
+        running = refs
+    for ref in running:
         ray.cancel(ref, force=True)
