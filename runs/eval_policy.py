@@ -24,7 +24,7 @@ from controllers.specs import canonical_spec
 from dyndrop import UserError
 from dyndrop.folders import FolderLock
 from gpt.config import MAX_SEED
-from runs.cli import Parser, add_policy_arg, run_cli
+from runs.cli import Parser, add_policy_arg, interrupt_status, run_cli
 
 BASELINES = ("constant@0,0.1,0.2,0.3", "linear", "exponential", "val_loss")
 
@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.preset} preset, {max_iters} steps, control every {interval}, overrides {episode['config']}, "
           f"seeds {seeds}, out {out}")
     with FolderLock(out, "comparison"):
-        comparison.run()
+        try:
+            comparison.run()
+        except KeyboardInterrupt as e:
+            print("\ninterrupted; rerun the same command to continue (finished episodes are kept)", file=sys.stderr)
+            return interrupt_status(e)
         table = aggregate(comparison)
         write_tables(table, out)
     print(markdown_table(table))
