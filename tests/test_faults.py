@@ -126,3 +126,41 @@ def test_a_folder_made_read_only_mid_run_is_one_line_and_the_run_resumes(tmp_pat
                           str(done + 10), "--no-progress", "--wandb", "disabled"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+SAVE_AND_DIE = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from hostile import make_policy
+kill_at, calls, real = int(sys.argv[2]), [], os.replace
+def replace(src, dst):  # each file of a policy is renamed into place once written: die at the N-th rename
+    calls.append(dst)
+    if len(calls) == kill_at:
+        os._exit(137)
+    real(src, dst)
+os.replace = replace
+make_policy(__import__("pathlib").Path(sys.argv[1]), seed=7)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_kill_while_a_policy_is_saved_leaves_the_old_one_or_a_refusal(tmp_path, kill_at):
+    """A policy is two files; a kill between them (a train_policy checkpoint, a --trust conversion) must not make a
+    pair that loads as something neither was: the old policy loads, or the new weights are refused against the
+    old metadata, in one line."""
+    from controllers import make_controller
+    from dyndrop import UserError
+    from hostile import make_policy
+
+    policy = make_policy(tmp_path / "policy", seed=0)
+    before = policy.read_bytes()
+    res = subprocess.run([sys.executable, "-c", SAVE_AND_DIE.format(tests=str(ROOT / "tests")), str(tmp_path / "policy"),
+                          str(kill_at)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 137, res.stderr
+    if kill_at == 1:  # before the weights' rename: the old policy, whole
+        assert policy.read_bytes() == before
+        make_controller(f"ppo:policy={policy}")
+    else:  # the new weights, the old metadata
+        assert policy.read_bytes() != before
+        with pytest.raises(UserError, match="does not match its metadata"):
+            make_controller(f"ppo:policy={policy}")
