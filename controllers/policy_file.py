@@ -191,8 +191,8 @@ def load_policy(policy: str | Path) -> tuple[Any, dict[str, Any]]:
         raise UserError(f"policy {policy} is not a readable safetensors file ({e})") from None
     held, described = sum(math.prod(shape) for shape, _ in got.values()), parameter_count(meta["network"])
     if held != described:
-        raise UserError(f"policy {policy} holds {held} numbers, but the network its metadata {metadata_path(policy)} "
-                        f"describes has {described}; save the policy again with runs.train_policy")
+        raise UserError(f"policy {policy} does not hold the network its metadata describes (it holds {held} numbers, "
+                        f"that network {described}); save the policy again with runs.train_policy")
     network = _build_network(meta["network"])
     want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in network.state_dict().items()}
     if got != want:

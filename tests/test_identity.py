@@ -99,3 +99,18 @@ def test_every_command_asks_the_one_identity_check():
     assert "identity_changes(" in inspect.getsource(runs.train.main)
     assert "inputs_identity(" in inspect.getsource(experiments.suite.run_digest)
     assert "Comparison(" in inspect.getsource(experiments.suite.regime_comparison)
+
+
+def test_eval_policy_refuses_the_runs_of_a_replaced_policy(tmp_path, capsys):
+    """#22 item 3: runs.eval_policy --out e.json reused an older policy's runs after the policy file changed and
+    printed the old figure. eval_policy now runs on the comparison engine, whose trials record the policy's digest."""
+    policy = make_policy(tmp_path / "p" / "policy", seed=0)
+    other = make_policy(tmp_path / "q" / "policy", seed=7)
+    args = ["--policy", str(policy), "--seeds", "9000", "--baselines", "constant:rate=0", "--max-iters", "20",
+            "--out", str(tmp_path / "e")]
+    assert call("eval_policy", args, capsys)[0] == 0
+    for suffix in (".safetensors", ".json"):
+        policy.with_suffix(suffix).write_bytes(other.with_suffix(suffix).read_bytes())
+    one_line_error(*call("eval_policy", args, capsys), "the policy file differs")
+    (tmp_path / "e.json").write_text("{}")  # the figures file of the old eval_policy
+    one_line_error(*call("eval_policy", [*args[:-1], str(tmp_path / "e.json")], capsys), "not a folder")
