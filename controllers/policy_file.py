@@ -130,7 +130,7 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     _require(not missing, path, f"it has no {' and no '.join(missing)} (the action's rate range)")
     try:
         check_bounds(float(meta["p_min"]), float(meta["p_max"]))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"policy metadata {path} has bad action bounds: {e}") from None
     net = meta.get("network")
     _require(isinstance(net, dict), path, "no 'network' description")
@@ -142,8 +142,9 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     _require(widths(arch) or (isinstance(arch, dict) and set(arch) == {"pi", "vf"} and all(map(widths, arch.values()))),
              path, "net_arch is not a list of layer widths or a dict of pi and vf widths")
     _require(net.get("activation") in ACTIVATIONS, path, f"activation is not one of {ACTIVATIONS}")
-    _require(isinstance(net.get("log_std_init"), (int, float)) and math.isfinite(net["log_std_init"]), path,
-             "log_std_init is not a number")
+    log_std = net.get("log_std_init")
+    _require(isinstance(log_std, (int, float)) and not isinstance(log_std, bool) and abs(log_std) <= 20, path,
+             "log_std_init is not a number in [-20, 20]")
     per_layer = meta.get("per_layer")
     _require(isinstance(per_layer, bool), path, "per_layer is not true or false")
     if per_layer:

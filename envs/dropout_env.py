@@ -232,7 +232,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        float(value)  # an int too long for a float is no number here
+    except OverflowError:
+        return False
+    return True
 
 
 def _refuse(name: str, value: Any, must: str) -> Any:

@@ -147,6 +147,7 @@ def check_config(cfg: TrainConfig) -> None:
         ok = (value is None and "None" in kinds or isinstance(value, bool) and "bool" in kinds
               or not isinstance(value, bool) and (isinstance(value, numbers.Integral) and "int" in kinds
                                                   or isinstance(value, numbers.Real) and "float" in kinds
+                                                  and not (isinstance(value, int) and abs(value) > 2**1023)
                                                   or isinstance(value, str) and "str" in kinds))
         if not ok:
             raise bad(f.name, repr(value)[:40], f"of type {f.type}")

@@ -72,7 +72,14 @@ NUMERIC_PREFIXES = ("train/", "val/", "dropout/", "controller/", "perf/")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float (not a bool) that a float can hold: JSON has integers too long for one (``1e400`` as digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def as_record(line: bytes) -> dict[str, Any] | None:

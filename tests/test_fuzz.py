@@ -115,7 +115,7 @@ def test_any_controller_spec_gives_exit_0_or_one_line_exit_2(spec):
 # -- the surfaces of #22: the env's constructor, policy metadata, summaries and metrics files ------------------
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                 st.text(max_size=8), st.lists(st.integers(-3, 70), max_size=3))
+                 st.text(max_size=8), st.lists(st.integers(-3, 70), max_size=3), st.just(10**400))
 """Any JSON-ish value, for a field that should hold something else."""
 ENV_ARGS = {  # values the env takes
     "episode": st.just("tiny"), "preset": st.just("tiny"), "interval": st.integers(1, 6),
