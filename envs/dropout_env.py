@@ -18,7 +18,7 @@ from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates, c
 from dyndrop import UserError
 from gpt import Diverged, Trainer, make_config, shared_data
 from gpt.config import MAX_SEED, TrainConfig
-from gpt.trainer import resolve_device
+from gpt.trainer import check_memory, resolve_device
 
 REWARDS = ("best_val", "val", "final")
 
@@ -172,6 +172,7 @@ class DropoutEnv(gym.Env):
         self.config_overrides = {**named["config"], **config}
         self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
         self.data = shared_data(data, str(resolve_device(self.base_config.device)))
+        check_memory(self.base_config, self.data.vocab_size)  # config={"n_embd": ...} builds a model at every reset
         self.score = EpisodeScore(reward, reward_scale, terminal_weight, divergence_penalty)
         n_actions = self.base_config.n_layer if per_layer else 1
         self.action_space = gym.spaces.Box(-1.0, 1.0, (n_actions,), dtype=np.float32)

@@ -44,7 +44,7 @@ def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
     the config's device, checking the settings that depend on the data, so a bad input fails before any folder is
     written. Returns the data (``gpt.shared_data``)."""
     from gpt.data import shared_data
-    from gpt.trainer import resolve_device
+    from gpt.trainer import check_memory, resolve_device
 
     for spec in specs:
         make_controller(spec).reset(cfg.n_layer)
@@ -55,6 +55,7 @@ def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
             raise UserError(f"--block-size {cfg.block_size} needs more than {cfg.block_size} characters of {split} "
                             f"text (each is half of the last 10 % of the file), but {data.source} gives "
                             f"{len(getattr(data, split))}; use a smaller --block-size or a longer file")
+    check_memory(cfg, data.vocab_size)
     return data
 
 

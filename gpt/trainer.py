@@ -150,6 +150,41 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
                      n_embd=cfg.n_embd, bias=cfg.bias, fused_attention_dropout=cfg.attention_dropout == "fused")
 
 
+def training_bytes(cfg: TrainConfig, vocab_size: int) -> int:
+    """A lower bound on the memory a run of ``cfg`` takes, in bytes: its parameters (token and position embeddings,
+    each layer's attention and MLP matrices; nanoGPT's count) held four times in float32, as weights, gradients and
+    AdamW's two moments. Activations come on top."""
+    d = cfg.n_embd
+    params = d * (vocab_size + cfg.block_size) + cfg.n_layer * 12 * d * d
+    return 16 * params
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run could take on ``device`` now, in bytes (on a CPU, Linux's MemAvailable: free memory and the
+    caches it may reclaim); None where this cannot be known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, vocab_size: int) -> None:
+    """Refuse, with a ``UserError``, a model that cannot fit where it would train (:func:`training_bytes` against
+    :func:`available_bytes`): allocating it would die with a traceback, or take the machine's memory with it."""
+    device = resolve_device(cfg.device)
+    need, free = training_bytes(cfg, vocab_size), available_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"--n-layer {cfg.n_layer}, --n-embd {cfg.n_embd} and --block-size {cfg.block_size} make a "
+                        f"model that needs at least {need / 2**30:.1f} GiB to train, and {device} has "
+                        f"{free / 2**30:.1f} GiB free; make it smaller")
+
+
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """nanoGPT's AdamW: weight decay on matrices (dim >= 2) only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -217,3 +217,25 @@ def test_a_second_policy_trainer_on_one_folder_is_refused(tmp_path, capsys):
                                           "--wandb", "disabled", "--checkpoint-every", "0", "--no-progress"], capsys)
         one_line_error(code, err, "in use by pid", str(os.getpid()))
     assert sorted(p.name for p in out.iterdir()) == [".dyndrop.lock"]
+
+
+def test_a_model_too_big_for_the_machine_is_one_line_before_anything_is_allocated(tmp_path, capsys):
+    """Beyond #22's list: --n-embd 100000000 allocated 26 GB for the embedding alone, then died with a traceback
+    (or took the machine's memory with it)."""
+    import torch
+
+    from gpt.trainer import available_bytes
+
+    if available_bytes(torch.device("cpu")) is None:
+        pytest.skip("this platform does not say how much memory is free: the run would try to allocate it")
+    out = tmp_path / "run"
+    code, err = call("train", [*TINY, "--n-embd", "100000000", "--out", str(out)], capsys)
+    one_line_error(code, err, "--n-embd 100000000", "GiB free")
+    assert not out.exists()
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+    from dyndrop import UserError
+
+    with pytest.raises(UserError, match="GiB free"):  # the env builds its model at every reset
+        gym.make("DynamicDropout-v0", episode="tiny", config={"n_embd": 10**8})
