@@ -153,10 +153,12 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 def training_bytes(cfg: TrainConfig, vocab_size: int) -> int:
     """A lower bound on the memory a run of ``cfg`` takes, in bytes: its parameters (token and position embeddings,
     each layer's attention and MLP matrices; nanoGPT's count) held four times in float32, as weights, gradients and
-    AdamW's two moments. Activations come on top."""
+    AdamW's two moments, and the largest batch's input and output activations (an evaluation's merged batches:
+    embeddings and logits, float32). Every other activation comes on top."""
     d = cfg.n_embd
     params = d * (vocab_size + cfg.block_size) + cfg.n_layer * 12 * d * d
-    return 16 * params
+    rows = cfg.batch_size * max(1, min(cfg.eval_merge, cfg.eval_iters)) * cfg.block_size
+    return 16 * params + 4 * rows * (d + vocab_size)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -180,9 +182,9 @@ def check_memory(cfg: TrainConfig, vocab_size: int) -> None:
     device = resolve_device(cfg.device)
     need, free = training_bytes(cfg, vocab_size), available_bytes(device)
     if free is not None and need > free:
-        raise UserError(f"--n-layer {cfg.n_layer}, --n-embd {cfg.n_embd} and --block-size {cfg.block_size} make a "
-                        f"model that needs at least {need / 2**30:.1f} GiB to train, and {device} has "
-                        f"{free / 2**30:.1f} GiB free; make it smaller")
+        raise UserError(f"--n-layer {cfg.n_layer}, --n-embd {cfg.n_embd}, --block-size {cfg.block_size} and "
+                        f"--batch-size {cfg.batch_size} make a run that needs at least {need / 2**30:.1f} GiB to train, "
+                        f"and {device} has {free / 2**30:.1f} GiB free; make it smaller")
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:

@@ -231,6 +231,7 @@ def test_a_model_too_big_for_the_machine_is_one_line_before_anything_is_allocate
     out = tmp_path / "run"
     code, err = call("train", [*TINY, "--n-embd", "100000000", "--out", str(out)], capsys)
     one_line_error(code, err, "--n-embd 100000000", "GiB free")
+    one_line_error(*call("train", [*TINY, "--batch-size", "10000000", "--out", str(out)], capsys), "--batch-size")
     assert not out.exists()
     import gymnasium as gym
 
