@@ -141,6 +141,11 @@ class Controller(ABC):
         """Values worth logging (e.g. PID terms), logged under ``controller/``."""
         return {}
 
+    def explain(self, changes: Sequence[tuple[int, float]], max_iters: int) -> str:
+        """One line saying what the controller did in a run: ``changes`` are the (iteration, mean rate) pairs where
+        the rate changed (the first is where it was first set). Controllers that know why override this."""
+        return f"{self.name} set {describe_schedule(changes, max_iters)}"
+
     def params(self) -> dict[str, Any]:
         """The constructor parameters, for run configs and names."""
         return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters if k != "self"}
@@ -154,6 +159,23 @@ class Controller(ABC):
     def __repr__(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}:{args}" if args else self.name
+
+
+def describe_schedule(changes: Sequence[tuple[int, float]], max_iters: int) -> str:
+    """A rate schedule in words: ``rate 0 until 240, then 0.08-0.21; mean rate 0.14`` (the mean over the run's
+    iterations, each rate weighted by how long it held). ``changes``: (iteration, rate) where the rate changed."""
+    if not changes:
+        return "no rate"
+    ends = [it for it, _ in changes[1:]] + [max(max_iters, changes[-1][0])]
+    span = sum(e - it for (it, _), e in zip(changes, ends))
+    mean = sum(r * (e - it) for (it, r), e in zip(changes, ends)) / span if span > 0 else changes[-1][1]
+    rates = [r for _, r in changes]
+    if len(set(rates)) == 1:
+        return f"rate {rates[0]:.2g} throughout"
+    head = f"rate {rates[0]:.2g} until {changes[1][0]}, then " if len(changes) > 1 else ""
+    rest = rates[1:]
+    body = f"{min(rest):.2g}" if min(rest) == max(rest) else f"{min(rest):.2g}-{max(rest):.2g}"
+    return f"{head}{body}; mean rate {mean:.2g}"
 
 
 CONTROLLERS: dict[str, type[Controller]] = {}

@@ -78,6 +78,8 @@ def canonical_spec(spec: str) -> str:
 
 def _parse_value(text: str, annotation: Any, key: str, name: str) -> Any:
     kind = annotation if isinstance(annotation, type) else str(annotation)
+    if isinstance(kind, str) and "|" in kind:  # "float | None": a value given is a float
+        kind = next(k.strip() for k in kind.split("|") if k.strip() != "None")
     kind_name = getattr(kind, "__name__", kind)  # "float", not "<class 'float'>"
     try:
         if kind in (float, "float"):

@@ -20,6 +20,8 @@ from gpt import Diverged, Trainer, make_config, shared_data
 from gpt.config import MAX_SEED, TrainConfig
 from gpt.trainer import check_memory, resolve_device
 
+from .micro import DECISIONS, EVAL_REGIMES, LENGTHS, MICRO, TRAIN_REGIMES, micro_regime
+
 REWARDS = ("best_val", "val", "final")
 
 EPISODES: dict[str, dict[str, Any]] = {
@@ -30,6 +32,8 @@ EPISODES: dict[str, dict[str, Any]] = {
                     config={"train_chars": 8000, "n_layer": 3, "n_embd": 128}),
     # The first default: the whole training split; the tiny model still underfits at the end, rate 0 is best.
     "tiny": dict(preset="tiny", max_iters=160, interval=16, config={}),
+    # A family, one micro-regime drawn per episode from the instance's seed (envs.micro): PPO's training episodes.
+    MICRO: dict(preset="tiny", max_iters=max(LENGTHS), interval=max(LENGTHS) // DECISIONS, config={}, family=True),
 }
 """Named episode configurations: the preset, episode length, control interval and setting overrides."""
 DEFAULT_EPISODE = "overfit"
@@ -124,9 +128,12 @@ class DropoutEnv(gym.Env):
         for key, given in (("max_iters", max_iters), ("preset", preset)):  # the same setting, two ways in
             if key in config and given is not None and config[key] != given:
                 raise UserError(f"{key}={given!r} and config[{key!r}]={config[key]!r} disagree; give one of them")
-        preset = preset if preset is not None else config.pop("preset", named["preset"])
-        max_iters = max_iters if max_iters is not None else config.pop("max_iters", named["max_iters"])
+        preset = preset if preset is not None else config.pop("preset", None)
+        max_iters = max_iters if max_iters is not None else config.pop("max_iters", None)
         config.pop("preset", None), config.pop("max_iters", None)
+        self.length_given = (max_iters, interval)  # a family's own lengths give way to these (tests shorten runs)
+        preset = preset if preset is not None else named["preset"]
+        max_iters = max_iters if max_iters is not None else named["max_iters"]
         interval = interval if interval is not None else named["interval"]
         for name, value in (("max_iters", max_iters), ("interval", interval)):
             if not _is_int(value):
@@ -168,6 +175,9 @@ class DropoutEnv(gym.Env):
         self.p_min, self.p_max, self.per_layer = p_min, p_max, per_layer
         self.reward_kind, self.reward_scale = reward, reward_scale
         self.terminal_weight, self.divergence_penalty = terminal_weight, divergence_penalty
+        self.family = bool(named.get("family"))
+        if self.family and train_seeds is TRAIN_SEEDS and eval_seeds is EVAL_SEEDS:  # the family's own instances
+            train_seeds, eval_seeds = TRAIN_REGIMES, EVAL_REGIMES
         self.split, self.train_seeds, self.eval_seeds = split, tuple(train_seeds), tuple(eval_seeds)
         self.config_overrides = {**named["config"], **config}
         self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
@@ -194,9 +204,7 @@ class DropoutEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self.instance = draw_instance(self.np_random, options, self.split, self.train_seeds, self.eval_seeds)
-        cfg = episode_config(self.preset, self.max_iters, self.interval, seed=self.instance,
-                             **self.config_overrides)
-        self.trainer = Trainer(cfg, data=self.data)  # no controller: the env sets the rate itself
+        self.trainer = Trainer(self.config_for(self.instance), data=self.data)  # no controller: the env sets the rate
         self.trainer.evaluate()
         stats = self.trainer.stats()
         return self.score.start(stats), self._info(stats)
@@ -210,7 +218,7 @@ class DropoutEnv(gym.Env):
         trainer = self.trainer
         rates = trainer.set_dropout(action_to_rates(action, self.p_min, self.p_max, self.base_config.n_layer))
         try:
-            trainer.advance(min(self.interval, self.max_iters - trainer.iteration))
+            trainer.advance(min(trainer.cfg.eval_interval, trainer.cfg.max_iters - trainer.iteration))
             trainer.evaluate()
         except Diverged:
             stats = trainer.stats()
@@ -218,7 +226,7 @@ class DropoutEnv(gym.Env):
             obs, reward = self.score.diverged(stats)
             return obs, reward, True, False, {**self._info(stats), "diverged": True}
         stats = trainer.stats()
-        done = trainer.iteration >= self.max_iters
+        done = trainer.iteration >= trainer.cfg.max_iters
         obs, reward = self.score.step(stats, done)
         if done:
             self.trainer = None  # gymnasium's rule: a finished episode steps again only after reset()
@@ -226,6 +234,19 @@ class DropoutEnv(gym.Env):
 
     def _info(self, stats: TrainingStats) -> dict[str, Any]:
         return episode_info(self.instance, stats)
+
+    def config_for(self, instance: int, seed: int | None = None) -> TrainConfig:
+        """The run of an episode of ``instance``, trained with ``seed`` (default: the instance): the named
+        configuration, or for a family the instance's micro-regime (:func:`envs.micro.micro_regime`); the env's
+        ``config`` overrides on top."""
+        seed = instance if seed is None else seed
+        if not self.family:
+            return episode_config(self.preset, self.max_iters, self.interval, seed=seed, **self.config_overrides)
+        regime = micro_regime(instance)
+        max_iters, interval = (given or own for given, own in zip(self.length_given,
+                                                                  (regime["max_iters"], regime["interval"])))
+        return episode_config(regime["preset"], max_iters, interval, seed=seed,
+                              **{**regime["config"], **self.config_overrides})
 
 
 def _is_int(value: Any) -> bool:

@@ -128,3 +128,95 @@ class WandbWriter(KVWriter):
 
     def close(self) -> None:
         pass
+
+
+def score_controllers(specs: list[str], instances: list[int], seeds_per_instance: int,
+                      env_kwargs: dict[str, Any]) -> dict[int, dict[str, list[dict[str, float]]]]:
+    """Train every controller spec on the run a ``DropoutEnv(**env_kwargs)`` gives each instance (a micro-regime's
+    for the ``micro`` family), ``seeds_per_instance`` training seeds each (the instance, then + 100,000 per seed),
+    as one batched population per instance. Returns ``{instance: {spec: [figures per seed]}}`` with ``test_loss``,
+    ``best_val_loss_full`` and ``best_val_loss``."""
+    from controllers import make_controller
+    from gpt.population import PopulationTrainer
+
+    env = DropoutEnv(**{**env_kwargs, "torch_threads": None})
+    out: dict[int, dict[str, list[dict[str, float]]]] = {}
+    for instance in instances:
+        seeds = [instance + 100_000 * k for k in range(seeds_per_instance)]
+        members = [(spec, seed) for spec in specs for seed in seeds]
+        pop = PopulationTrainer(env.config_for(instance), [seed for _, seed in members],
+                                [make_controller(s) for s, _ in members], data=env.data)
+        figures = out.setdefault(instance, {spec: [] for spec in specs})
+        for (spec, _), summary in zip(members, pop.train()):
+            keys = ("test_loss", "best_val_loss_full", "best_val_loss")
+            figures[spec].append({k: (summary or {}).get(k, float("nan")) for k in keys})
+    return out
+
+
+CURVE_CONSTANTS = ("constant:rate=0", "constant:rate=0.1", "constant:rate=0.2", "constant:rate=0.3", "constant:rate=0.4")
+"""The constants a micro-regime's regret is measured against (the best by val on each regime)."""
+
+
+def regrets(policy: dict[int, dict[str, list[dict[str, float]]]], reference: dict[int, dict[str, list[dict[str, float]]]],
+            spec: str) -> dict[str, float]:
+    """Per (regime, seed): the policy's test loss minus that of the regime's best constant, chosen by its mean val
+    loss over the regime's seeds (``"regime/seed index"`` keys)."""
+    out = {}
+    for regime, by_spec in reference.items():
+        val = {s: sum(r["best_val_loss_full"] for r in runs) / len(runs) for s, runs in by_spec.items()}
+        best = min(val, key=val.get)
+        for k, run in enumerate(policy[regime][spec]):
+            out[f"{regime}/{k}"] = run["test_loss"] - by_spec[best][k]["test_loss"]
+    return out
+
+
+class LearningCurveCallback(BaseCallback):
+    """The policy's held-out regret against env steps: before training, every ``every`` rollouts, and at the end.
+
+    The policy is saved (``<folder>/curve/policy_<steps>``) and deployed as the ``ppo`` controller on a fixed set of
+    held-out instances (``regimes``: micro-regimes for the ``micro`` family; ``seeds`` training seeds each,
+    :func:`score_controllers`); its
+    regret is its test loss minus the best constant's (:data:`CURVE_CONSTANTS`, chosen by val). The constants run
+    once, at the start. Points go to the sb3 logger (``curve/regret``, hence wandb and progress.csv) and to
+    ``<folder>/learning_curve.json``, with each point's per-(regime, seed) regrets so that the last point can be
+    paired against the first (the untrained policy).
+    """
+
+    def __init__(self, every: int, folder: str | Path, env_meta: dict[str, Any], regimes: list[int], seeds: int,
+                 env_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.every, self.folder, self.env_meta = every, Path(folder), env_meta
+        self.regimes, self.seeds, self.env_kwargs = regimes, seeds, env_kwargs
+        self.rollouts, self.points, self.reference = 0, [], {}
+
+    def _on_training_start(self) -> None:
+        self.reference = score_controllers(list(CURVE_CONSTANTS), self.regimes, self.seeds, self.env_kwargs)
+        self.evaluate()
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.every and self.rollouts % self.every == 0:
+            self.evaluate()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        if not self.points or self.points[-1]["env_steps"] != self.num_timesteps:
+            self.evaluate()
+
+    def evaluate(self) -> None:
+        """One point of the curve: deploy the policy as it is on the fixed held-out micro-regimes."""
+        from dyndrop import write_json
+
+        path = save_policy(self.model, self.folder / "curve" / f"policy_{self.num_timesteps}", self.env_meta)
+        spec = f"ppo:policy={path}"
+        per_pair = regrets(score_controllers([spec], self.regimes, self.seeds, self.env_kwargs), self.reference, spec)
+        values = np.array(list(per_pair.values()))
+        mean, sem = float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        self.points.append({"env_steps": int(self.num_timesteps), "regret": mean, "regret_sem": sem,
+                            "per_pair": per_pair})
+        self.logger.record("curve/regret", mean)
+        self.logger.record("curve/env_steps", self.num_timesteps)
+        write_json(self.folder / "learning_curve.json", {"regimes": self.regimes, "seeds": self.seeds,
+                                                         "constants": list(CURVE_CONSTANTS), "points": self.points})

@@ -24,7 +24,7 @@ from controllers.features import action_to_rates
 from dyndrop import UserError
 from gpt.population import PopulationTrainer
 
-from .dropout_env import DropoutEnv, EpisodeScore, draw_instance, episode_config, episode_info
+from .dropout_env import DropoutEnv, EpisodeScore, draw_instance, episode_info
 
 
 class PopulationVecEnv(VecEnv):
@@ -40,7 +40,7 @@ class PopulationVecEnv(VecEnv):
         env_kwargs = {**(env_kwargs or {}), "torch_threads": threads}
         self.template = DropoutEnv(**env_kwargs)  # checks the arguments, holds the spaces and the metadata
         t = self.template
-        if t.max_iters % t.interval:
+        if not t.family and t.max_iters % t.interval:
             raise UserError(f"the population env needs max_iters ({t.max_iters}) to be a multiple of interval "
                             f"({t.interval}), so every member trains whole intervals")
         super().__init__(n_envs, t.observation_space, t.action_space)
@@ -64,6 +64,14 @@ class PopulationVecEnv(VecEnv):
         t = self.template
         return draw_instance(self.rngs[i], self._options[i], t.split, t.train_seeds, t.eval_seeds)
 
+    def _new_regime(self) -> None:
+        """A family's episodes share one model shape: every member runs the micro-regime of member 0's instance,
+        each with its own training seed (the instance, then instance + 100,000 * i)."""
+        regime = self.instances[0]
+        self.instances = [regime] * self.num_envs
+        seeds = [regime + 100_000 * i for i in range(self.num_envs)]
+        self.trainer = PopulationTrainer(self.template.config_for(regime), seeds, data=self.template.data)
+
     def _start(self, members: Sequence[int]) -> dict[int, np.ndarray]:
         """Evaluate the members that just began an episode; their first observations."""
         self.trainer.evaluate(members)
@@ -78,9 +86,10 @@ class PopulationVecEnv(VecEnv):
     def reset(self) -> np.ndarray:
         t = self.template
         self.instances = [self._draw(i) for i in range(self.num_envs)]
-        if self.trainer is None:
-            cfg = episode_config(t.preset, t.max_iters, t.interval, **t.config_overrides)
-            self.trainer = PopulationTrainer(cfg, self.instances, data=t.data)
+        if t.family:
+            self._new_regime()
+        elif self.trainer is None:
+            self.trainer = PopulationTrainer(t.config_for(0), self.instances, data=t.data)
         else:
             for i, seed in enumerate(self.instances):
                 self.trainer.reset_member(i, seed)
@@ -101,7 +110,7 @@ class PopulationVecEnv(VecEnv):
             raise ValueError(f"actions of shape {self.actions.shape} do not fit {K} envs of {self.action_space}")
         rates = [trainer.set_dropout(i, action_to_rates(a, t.p_min, t.p_max, t.base_config.n_layer))
                  for i, a in enumerate(self.actions)]
-        trainer.advance(t.interval)
+        trainer.advance(trainer.cfg.eval_interval)
         trainer.evaluate()
         obs = np.zeros((K, *self.observation_space.shape), dtype=np.float32)
         rewards, dones, infos = np.zeros(K, dtype=np.float32), np.zeros(K, dtype=bool), []
@@ -112,7 +121,7 @@ class PopulationVecEnv(VecEnv):
                 obs[i], rewards[i] = self.scores[i].diverged(stats)
                 dones[i], info["diverged"] = True, True
             else:
-                dones[i] = stats.iteration >= t.max_iters
+                dones[i] = stats.iteration >= trainer.cfg.max_iters
                 obs[i], rewards[i] = self.scores[i].step(stats, bool(dones[i]))
                 info["rates"] = rates[i]
             self.returns[i] += rewards[i]
@@ -124,8 +133,16 @@ class PopulationVecEnv(VecEnv):
             infos[i]["TimeLimit.truncated"] = False
             infos[i]["episode"] = {"r": float(self.returns[i]), "l": int(self.lengths[i]),
                                    "t": round(time.perf_counter() - self.started[i], 6)}
-            self.instances[i] = self._draw(i)
-            trainer.reset_member(i, self.instances[i])
+        if t.family and len(finished) == K:  # every episode ended together: the next micro-regime
+            self.instances[0] = self._draw(0)
+            self._new_regime()
+        else:
+            for i in finished:
+                if t.family:  # a member that diverged starts again in the same micro-regime, with another seed
+                    trainer.reset_member(i, self._draw(i) + 100_000 * i)
+                else:
+                    self.instances[i] = self._draw(i)
+                    trainer.reset_member(i, self.instances[i])
         for i, first in self._start(finished).items() if finished else ():
             obs[i] = first
         self._reset_seeds()

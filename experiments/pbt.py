@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from controllers import spec_name
+from controllers.base import describe_schedule
 from controllers.specs import spec_params
 from dyndrop import UserError, read_json, write_json
 from gpt.config import TrainConfig
@@ -160,7 +161,8 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
     from ray import tune
 
     from gpt.data import shared_data
-    from gpt.tracking import eval_record, rate_record
+    from gpt.tracking import eval_record
+    from integrations import rate_record
     from gpt.trainer import Diverged, Trainer, resolve_device
 
     if job.threads:
@@ -321,10 +323,16 @@ def pbt_summary(trainer: Any, records: list[dict[str, Any]], settings: PBTSettin
     """The winner's summary, as a single run's (scored as one is), with PBT's figures beside it."""
     summary = trainer.summary()
     members_of = [rec["pbt/member"] for rec in records if "pbt/member" in rec]
+    exploits = sum(a != b for a, b in zip(members_of, members_of[1:]))
+    changes = []
+    for rec in records:
+        if "dropout/rate" in rec and (not changes or changes[-1][1] != rec["dropout/rate"]):
+            changes.append((rec["iter"], rec["dropout/rate"]))
     summary.update(controller=PBT, controller_params=asdict(settings), compute_iters=compute_iters,
                    pbt_population=settings.population,
-                   exploits=sum(a != b for a, b in zip(members_of, members_of[1:])),
-                   final_rates=final_rates(records, trainer.cfg.n_layer) or summary["final_rates"])
+                   exploits=exploits, final_rates=final_rates(records, trainer.cfg.n_layer) or summary["final_rates"],
+                   controller_explanation=f"PBT's winning lineage ({exploits} copies of a better member) set "
+                                          f"{describe_schedule(changes, trainer.cfg.max_iters)}")
     return summary
 
 

@@ -269,3 +269,56 @@ def write_suite_report(out: str | Path, dest: str | Path | None = None) -> Path:
         f"<img alt='regret' src='data:image/png;base64,{data}'>", "<p class='meta'>File: figures/regret.png</p>",
         "</body></html>"]) + "\n")
     return page
+
+
+# --------------------------------------------------------------------------------------------------
+# A policy folder (runs.train_policy): the learning curve
+
+
+def curve_change(out: str | Path) -> dict[str, float]:
+    """The learning curve's first point (the untrained policy) against its last, paired over the held-out
+    (micro-regime, seed) runs: their mean regrets, the difference and the paired t-test's p."""
+    from dyndrop import read_json
+
+    from .stats import paired_test
+
+    points = read_json(Path(out) / "learning_curve.json", "learning curve")["points"]
+    first, last = points[0]["per_pair"], points[-1]["per_pair"]
+    keys = list(first)
+    test = paired_test({i: last[k] for i, k in enumerate(keys)}, {i: first[k] for i, k in enumerate(keys)})
+    return {"first": points[0]["regret"], "last": points[-1]["regret"], "delta": test["delta"], "p": test["p"],
+            "n": test["n"], "first_steps": points[0]["env_steps"], "last_steps": points[-1]["env_steps"]}
+
+
+def write_curve_report(out: str | Path, dest: str | Path | None = None) -> Path:
+    """``learning_curve.png`` (held-out regret against env steps, ± one standard error) and ``report.html`` of the
+    policy folder ``out``, written into ``dest`` (default ``out``)."""
+    from dyndrop import read_json
+
+    out = Path(out)
+    dest = Path(dest) if dest is not None else out
+    curve = read_json(out / "learning_curve.json", "learning curve")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [p["env_steps"] for p in curve["points"]]
+    ax.errorbar(steps, [p["regret"] for p in curve["points"]], yerr=[p["regret_sem"] for p in curve["points"]],
+                marker="o", capsize=3)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("env steps (decisions) trained")
+    ax.set_ylabel("held-out regret: test loss − best constant's (nats/char)")
+    ax.set_title(f"PPO on micro-regimes: {len(curve['regimes'])} held-out regimes × {curve['seeds']} seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = dest / "learning_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    c = curve_change(out)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    page = dest / "report.html"
+    page.write_text("\n".join([
+        "<!doctype html>", "<html><head><meta charset='utf-8'>",
+        f"<title>learning curve</title><style>{_STYLE}</style></head><body>", "<h1>Learning curve</h1>",
+        f"<p>Held-out regret {c['first']:+.4f} at {c['first_steps']} env steps, {c['last']:+.4f} at "
+        f"{c['last_steps']} (paired difference {c['delta']:+.4f}, p {c['p']:.3g}, {c['n']} runs).</p>",
+        f"<img alt='learning curve' src='data:image/png;base64,{data}'>", "</body></html>"]) + "\n")
+    return page

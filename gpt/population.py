@@ -37,7 +37,9 @@ from controllers import Controller, HoldRate, TrainingStats, check_rate
 from .config import TrainConfig
 from .data import CharData
 from .model import GPT, random_bits, scaled_keep_mask
-from .tracking import control_record, eval_record, train_record
+from integrations import DropoutScheduler
+
+from .tracking import eval_record, train_record
 from .trainer import (EMA_BETA, InferenceSample, TrainingHistory, data_streams, score_weights, windows_loss,
                       initial_model, lr_at, measure_inference, resolve_precision, run_summary)
 
@@ -248,9 +250,11 @@ class PopulationTrainer:
         self._acc = torch.zeros(self.K, 3, device=self.device)  # loss sum, grad-norm sum, steps since last read
         self._ema = torch.zeros(self.K, device=self.device)
         self._ema_steps = [0] * self.K
-        for k, c in enumerate(self.controllers):
-            c.reset(cfg.n_layer)
-            self.set_dropout(k, 0.0)
+        # each member's control goes through its own dropout scheduler, as a single trainer's does
+        self.dropout = [DropoutScheduler(lambda rates, k=k: self.set_dropout(k, rates), c, max(cfg.max_iters, 1),
+                                         n_layers=cfg.n_layer, ask_now=False) for k, c in enumerate(self.controllers)]
+        for k in range(self.K):
+            self.set_dropout(k, 0.0)  # until the first control step
 
     def _new_member(self, seed: int) -> tuple[GPT, torch.Generator]:
         """The single run's initial model for ``seed``, and a generator where its global one stands after it."""
@@ -281,6 +285,7 @@ class PopulationTrainer:
         self._ema[k].zero_()
         self._ema_steps[k] = 0
         self.controllers[k].reset(self.cfg.n_layer)
+        self.dropout[k].changes = []
         self.set_dropout(k, 0.0)
 
     def stats(self, k: int) -> TrainingStats:
@@ -294,9 +299,9 @@ class PopulationTrainer:
 
     def control(self) -> list[tuple[float, ...]]:
         """Ask each member's controller for its next rate and apply it; returns every member's rates."""
-        for k, c in enumerate(self.controllers):
+        for k, scheduler in enumerate(self.dropout):
             if not self.diverged[k]:
-                self.set_dropout(k, c.update(self.stats(k)))
+                scheduler.control(self.stats(k))
         return list(self.model.rates)
 
     # -- training ----------------------------------------------------------------------------------
@@ -433,7 +438,7 @@ class PopulationTrainer:
                 self.control()
                 for k, logger in enumerate(loggers):
                     if logger is not None and not self.diverged[k]:
-                        logger.log(control_record(it, self.model.rates[k], self.controllers[k]))
+                        logger.log(self.dropout[k].record())
             for h in self.histories:
                 h.wall_time_s = time.perf_counter() - t_start
             if it >= cfg.max_iters or all(self.diverged):
@@ -460,5 +465,6 @@ class PopulationTrainer:
         self.inference[k] = inference
         summary = run_summary(member_cfg, h, self.iterations[k], self.controllers[k], inference, self.device,
                               self.data, list(self.model.rates[k]), compile=False, recompiles=0)
+        summary["controller_explanation"] = self.dropout[k].explain()
         summary["batched_members"] = self.K  # K runs trained as one batched model (PBT's own is pbt_population)
         return summary

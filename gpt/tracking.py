@@ -12,14 +12,16 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dyndrop import UserError, json_safe, read_json, write_json
 
 
 # --------------------------------------------------------------------------------------------------
 # The records: one builder per kind, used by every path that trains (the trainer, the population trainer, a
-# PBT member), so a record means the same wherever it was written.
+# PBT member), so a record means the same wherever it was written. The rates' record is the dropout scheduler's
+# (``integrations.rate_record``, and ``DropoutScheduler.record`` for a control step), which foreign training loops
+# use too.
 
 
 def eval_record(iteration: int, train_loss: float, val_loss: float, history: Any) -> dict[str, Any]:
@@ -38,17 +40,6 @@ def train_record(iteration: int, loss: float, loss_smoothed: float, grad_norm: f
             "train/lr": lr}
 
 
-def rate_record(iteration: int, rates: Sequence[float]) -> dict[str, Any]:
-    """The record of the rates set at ``iteration``: the mean over layers, and each layer's when they differ."""
-    record: dict[str, Any] = {"iter": iteration, "dropout/rate": sum(rates) / len(rates)}
-    if len(set(rates)) > 1:
-        record.update({f"dropout/layer_{i}": r for i, r in enumerate(rates)})
-    return record
-
-
-def control_record(iteration: int, rates: Sequence[float], controller: Any) -> dict[str, Any]:
-    """The record of a control step: :func:`rate_record` and the controller's internals (``controller/<key>``)."""
-    return {**rate_record(iteration, rates), **{f"controller/{k}": v for k, v in controller.internals().items()}}
 
 
 def wandb_mode(requested: str) -> str:

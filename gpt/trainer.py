@@ -31,7 +31,9 @@ from dyndrop import UserError
 from .config import TrainConfig
 from .data import BatchSampler, CharData, EvalBatches, fixed_eval_batches
 from .model import GPT, GPTConfig
-from .tracking import RunLogger, control_record, eval_record, train_record
+from integrations import DropoutScheduler
+
+from .tracking import RunLogger, eval_record, train_record
 
 EMA_BETA = 0.9  # smoothing of the per-step training loss seen by controllers
 CHECKPOINT_VERSION = 1
@@ -388,8 +390,10 @@ class Trainer:
         self._warm: set[str] = set()
         self._resumed = False
         self.checkpoints = CheckpointWriter()
-        self.controller.reset(cfg.n_layer)
-        self.model.set_dropout(0.0)
+        # control goes through the same scheduler a foreign training loop uses; the trainer builds the stats itself
+        self.dropout = DropoutScheduler(self.model.set_dropout, self.controller, max(cfg.max_iters, 1),
+                                        n_layers=cfg.n_layer, ask_now=False)
+        self.model.set_dropout(0.0)  # until the first control step, after the first evaluation
 
     # -- the pieces ---------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
@@ -513,9 +517,9 @@ class Trainer:
 
     def control(self) -> tuple[float, ...]:
         """Ask the controller for the next rate, apply it, log the rates and the controller's internals."""
-        rates = self.model.set_dropout(self.controller.update(self.stats()))  # update() checked them
+        rates = self.dropout.control(self.stats())
         if self.logger:
-            self.logger.log(control_record(self.iteration, rates, self.controller))
+            self.logger.log(self.dropout.record())
         return rates
 
     def _note_warmup(self, kind: str) -> None:
@@ -583,8 +587,9 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """The run's figures (what ``summary.json`` holds)."""
-        return run_summary(self.cfg, self.history, self.iteration, self.controller, self.inference, self.device,
-                           self.data, list(self.model.rates), compile=self.use_compile, recompiles=self.recompiles)
+        summary = run_summary(self.cfg, self.history, self.iteration, self.controller, self.inference, self.device,
+                              self.data, list(self.model.rates), compile=self.use_compile, recompiles=self.recompiles)
+        return {**summary, "controller_explanation": self.dropout.explain()}
 
     def measure_inference(self) -> InferenceSample:
         """:func:`measure_inference` of the model as it is."""
@@ -599,7 +604,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "rates": list(self.model.rates), "controller": self.controller.state_dict(),
-            "controller_name": self.controller.name, "data": self.data.record(),
+            "controller_name": self.controller.name, "rate_changes": [list(c) for c in self.dropout.changes],
+            "data": self.data.record(),
             "history": asdict(self.history), "meta": self.meta,
             "acc": self._acc.cpu(), "ema": self._ema.cpu(), "ema_steps": self._ema_steps,
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "python": list(random.getstate()[1]),
@@ -647,6 +653,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.controller.load_state_dict(ckpt["controller"])
+        self.dropout.changes = [(int(it), float(r)) for it, r in ckpt.get("rate_changes", [])]
         self.set_dropout(tuple(ckpt["rates"]))
         self.iteration = ckpt["iteration"]
         self.history = TrainingHistory.from_dict(ckpt["history"])

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("best_val_loss", "best_val_iter", "final_train_loss", "final_val_loss", "total_train_time_s",
             "train_tokens_per_s", "inference_tokens_per_s", "recompiles")
     print(json.dumps({k: summary[k] for k in keys}, indent=None))
+    print(summary["controller_explanation"])
     return 0
 
 

@@ -1,12 +1,17 @@
-"""Train a PPO policy that sets the dropout rate, on short ``DynamicDropout-v0`` episodes.
+"""Train a PPO policy that sets the dropout rate, on micro-regime ``DynamicDropout-v0`` episodes.
 
-    python -m runs.train_policy                                   # demo budget: 160 env steps (16 episodes, 2 updates)
-    python -m runs.train_policy --total-timesteps 640 --out policies/ppo-640   # 64 episodes, ~30-40 min on 2 cores
-    python -m runs.eval_policy --policy policies/ppo/policy.safetensors           # held-out comparison
+    python -m runs.train_policy                                   # the demo budget (about 10 minutes on 2 cores)
+    python -m runs.train_policy --budget full --out policies/ppo-full   # the full budget (about 30 minutes)
+    python -m runs.suite --controllers ppo:policy=policies/ppo/policy.safetensors pid --regimes test
     python -m runs.train --controller ppo --policy policies/ppo/policy.safetensors --preset cpu
 
-Writes into ``--out``: ``policy.safetensors`` + ``policy.json`` (final policy and its metadata),
-``checkpoints/policy_<steps>.safetensors`` (+ .json), ``progress.csv`` (sb3's log) and the wandb run.
+Each episode is a micro-regime (``envs.micro``: a tiny GPT on a few thousand characters, its width, learning
+rate and length drawn per episode), trained as one batched population of ``--n-envs`` episodes. Before training,
+every ``--curve-every`` updates and at the end, the policy is deployed on a fixed set of held-out micro-regimes
+and its regret (test loss minus the best constant's) logged: the learning curve. Writes into ``--out``:
+``policy.safetensors`` + ``policy.json`` (the final policy and its metadata), ``learning_curve.json`` and
+``learning_curve.png``, ``curve/policy_<steps>.*`` (the policies the curve deployed), ``checkpoints/``
+(``--checkpoint-every``), ``progress.csv`` (sb3's log) and the wandb run.
 """
 from __future__ import annotations
 
@@ -28,15 +33,18 @@ from runs.cli import Parser, add_dataclass_args, run_cli
 @dataclass
 class Args:
     out: str = option("policies/ppo", "folder for the policy, its checkpoints and logs")
-    total_timesteps: int = option(160, "env steps (control intervals) to train for; an overfit episode has 10")
-    n_envs: int = option(8, "parallel episodes per rollout")
+    budget: str = option("demo", "demo (2,560 env steps: learning shows in about 10 minutes on 2 cores) or full "
+                                 "(10,240 env steps, about 30 minutes); --total-timesteps overrides it")
+    total_timesteps: int = option(0, "env steps (control intervals) to train for; 0 = the budget's")
+    n_envs: int = option(16, "parallel episodes per rollout")
     vec: str = option("population", "population (the episodes trained as one batched model), dummy (single envs in "
                                     "this process) or subproc (one process per env: needs spare cores)")
     threads: int = option(0, "torch CPU threads of the population env; 0 = torch's choice (single envs use 1 each)")
     seed: int = option(0, "seeds PPO and the envs' instance draws")
     # env
-    episode: str = option("overfit", "named episode configuration (envs.EPISODES): overfit (data-limited, the "
-                                     "default) or tiny (the first one, which underfits)")
+    episode: str = option("micro", "named episode configuration (envs.EPISODES): micro (a micro-regime drawn per "
+                                   "episode, the default), overfit (one data-limited configuration) or tiny "
+                                   "(the first one, which underfits)")
     preset: str = option("", "preset of the model trained in each episode; empty = the episode's")
     max_iters: int = option(0, "optimizer steps per episode; 0 = the episode's")
     interval: int = option(0, "optimizer steps per env step (evaluation and control interval); 0 = the episode's")
@@ -47,15 +55,20 @@ class Args:
     reward: str = option("best_val", "best_val, val or final (see envs.DropoutEnv)")
     reward_scale: float = option(10.0, "multiplies every reward")
     # PPO
-    n_steps: int = option(10, "env steps per env per rollout (one PPO update each); 10 = one overfit episode")
-    batch_size: int = option(40, "minibatch size")
+    n_steps: int = option(10, "env steps per env per rollout (one PPO update each); 10 = one episode")
+    batch_size: int = option(80, "minibatch size")
     n_epochs: int = option(10, "passes over each rollout")
-    learning_rate: float = option(1e-3, "Adam learning rate")
+    learning_rate: float = option(3e-4, "Adam learning rate")
     gamma: float = option(0.99, "discount")
     gae_lambda: float = option(0.95, "GAE lambda")
     ent_coef: float = option(0.0, "entropy bonus")
     log_std_init: float = option(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
-    checkpoint_every: int = option(160, "save the policy every this many env steps; 0 = never")
+    checkpoint_every: int = option(0, "save the policy every this many env steps; 0 = never")
+    curve_every: int = option(4, "a learning-curve point every this many updates (and before and after training); "
+                                 "0 = only before and after")
+    curve_regimes: int = option(16, "held-out instances of the learning curve: the episode's first held-out seeds "
+                                    "(micro-regimes for micro, envs.micro.EVAL_REGIMES)")
+    curve_seeds: int = option(2, "training seeds per learning-curve micro-regime")
     # tracking
     wandb: str = option("offline", "online, offline or disabled")
     wandb_project: str = option("dynamic-dropout", "wandb project")
@@ -70,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+BUDGETS = {"demo": 2_560, "full": 10_240}
+"""Env steps of each budget: 16 and 64 updates of 16 envs x 10 steps."""
+
+
 def check_args(args: Args) -> None:
     """Every PPO setting in its range (the env checks its own: preset, episode, bounds, reward)."""
     def bad(name: str, must: str) -> UserError:
@@ -79,10 +96,12 @@ def check_args(args: Args) -> None:
         raise bad("vec", " or ".join(VEC_KINDS))
     if args.wandb not in ("online", "offline", "disabled"):
         raise bad("wandb", "online, offline or disabled")
-    for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
+    if args.budget not in BUDGETS:
+        raise bad("budget", " or ".join(BUDGETS))
+    for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "curve_regimes", "curve_seeds"):
         if getattr(args, name) < 1:
             raise bad(name, "at least 1")
-    for name in ("checkpoint_every", "eval_iters", "seed", "threads"):
+    for name in ("total_timesteps", "checkpoint_every", "curve_every", "eval_iters", "seed", "threads"):
         if getattr(args, name) < 0:
             raise bad(name, "at least 0")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
@@ -111,14 +130,16 @@ def train(args: Args) -> int:
     from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, Logger
 
     from envs import DropoutEnv
-    from envs.policy_training import (EpisodeStatsCallback, PolicyCheckpointCallback, TqdmCallback, WandbWriter,
-                                      make_vec_env, save_policy)
+    from envs.policy_training import (EpisodeStatsCallback, LearningCurveCallback, PolicyCheckpointCallback,
+                                      TqdmCallback, WandbWriter, make_vec_env, save_policy)
+    from experiments.report import write_curve_report
 
     env_kwargs = dict(episode=args.episode, preset=args.preset or None, max_iters=args.max_iters or None,
                       interval=args.interval or None, p_min=args.p_min,
                       p_max=args.p_max, per_layer=args.per_layer, reward=args.reward, reward_scale=args.reward_scale,
                       config={"eval_iters": args.eval_iters} if args.eval_iters else None)
-    env_meta = DropoutEnv(**env_kwargs).metadata_dict()  # validates the options before any work
+    template = DropoutEnv(**env_kwargs)  # validates the options before any work
+    env_meta = template.metadata_dict()
     out = Path(args.out)
     venv = make_vec_env(args.n_envs, env_kwargs, args.seed, kind=args.vec, threads=args.threads or None)
 
@@ -137,16 +158,19 @@ def train(args: Args) -> int:
                 ent_coef=args.ent_coef, seed=args.seed, device="cpu",
                 policy_kwargs=dict(log_std_init=args.log_std_init, net_arch=[64, 64]))
     model.set_logger(Logger(str(out), formats))
-    callbacks = [EpisodeStatsCallback(), PolicyCheckpointCallback(args.checkpoint_every, out / "checkpoints", env_meta)]
+    held_out = list(template.eval_seeds[:args.curve_regimes])
+    curve = LearningCurveCallback(args.curve_every, out, env_meta, held_out, args.curve_seeds, env_kwargs)
+    callbacks = [EpisodeStatsCallback(), PolicyCheckpointCallback(args.checkpoint_every, out / "checkpoints", env_meta),
+                 curve]
     if args.progress:
         callbacks.append(TqdmCallback())
-    print(f"PPO on DynamicDropout-v0: {env_meta['episode']} episodes ({env_meta['preset']} preset, "
-          f"{env_meta['max_iters']} steps, {-(-env_meta['max_iters'] // env_meta['interval'])} decisions each); "
-          f"{args.total_timesteps} env steps, "
-          f"{args.n_envs} envs ({args.vec}); out {out}; wandb {args.wandb}")
+    total = args.total_timesteps or BUDGETS[args.budget]
+    print(f"PPO on DynamicDropout-v0: {env_meta['episode']} episodes; {total} env steps, {args.n_envs} envs "
+          f"({args.vec}); learning curve on {len(held_out)} held-out instances x {args.curve_seeds} seeds "
+          f"every {args.curve_every} updates; out {out}; wandb {args.wandb}")
     t0 = time.perf_counter()
     try:
-        model.learn(total_timesteps=args.total_timesteps, callback=callbacks)
+        model.learn(total_timesteps=total, callback=callbacks)
     except KeyboardInterrupt:
         print(f"\ninterrupted at {model.num_timesteps} env steps; saving the policy so far", file=sys.stderr)
     wall_s = time.perf_counter() - t0
@@ -158,7 +182,19 @@ def train(args: Args) -> int:
         run.finish()
     print(f"saved {path} (+ {path.with_suffix('.json').name}) after {model.num_timesteps} env steps "
           f"in {wall_s:.0f} s")
+    if (out / "learning_curve.json").is_file():
+        page = write_curve_report(out)
+        print(f"learning curve: {out / 'learning_curve.png'} ({page.name}); " + curve_line(out))
     return 0
+
+
+def curve_line(out: Path) -> str:
+    """The curve's first and last points in words, paired over the held-out (regime, seed) pairs."""
+    from experiments.report import curve_change
+
+    c = curve_change(out)
+    return (f"held-out regret {c['first']:+.4f} before training, {c['last']:+.4f} after ({c['delta']:+.4f}, paired "
+            f"p {c['p']:.3g} over {c['n']} runs)")
 
 
 def cli(argv: list[str] | None = None) -> int:

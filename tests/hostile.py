@@ -46,13 +46,13 @@ def make_policy(path: Path, seed: int = 0, per_layer: bool = False, n_layer: int
     what ``runs.train_policy`` writes, in a second instead of a training run."""
     import torch
 
-    from controllers.features import FEATURE_VERSION
+    from controllers.features import FEATURE_VERSION, Featurizer
     from controllers.policy_file import _build_network, save_policy
 
     torch.manual_seed(seed)
     n_actions = n_layer if per_layer else 1
-    network = _build_network({"obs_dim": 10, "n_actions": n_actions, "net_arch": [16], "activation": "tanh",
-                              "log_std_init": -0.5})
+    network = _build_network({"obs_dim": Featurizer.dim, "n_actions": n_actions, "net_arch": [16],
+                              "activation": "tanh", "log_std_init": -0.5})
     meta = {"feature_version": FEATURE_VERSION, "p_min": 0.0, "p_max": 0.5, "per_layer": per_layer,
             "n_layer": n_layer, "episode": "tiny", "preset": "tiny", "max_iters": 20, "interval": 10,
             "reward": "best_val", "config": {}, "train_seeds": [1000], "eval_seeds": [9000]}

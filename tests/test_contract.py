@@ -51,14 +51,17 @@ def test_a_trainer_without_a_controller_holds_the_rate_it_is_given(chardata, tmp
 
 
 def test_records_are_built_in_one_place():
-    """Every path that trains (trainer, population trainer, PBT member) imports its records from gpt.tracking."""
+    """Every path that trains (trainer, population trainer, PBT member) imports its records from gpt.tracking, and
+    its rate records from the dropout scheduler that foreign loops use too (integrations)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for name in ("train/eval_loss", "train/loss", "val/loss", "dropout/rate", "perf/wall_time_s"):
-        found = [p.relative_to(root).as_posix() for folder in ("gpt", "experiments", "envs", "bench")
+    builders = {"train/eval_loss": "gpt/tracking.py", "train/loss": "gpt/tracking.py", "val/loss": "gpt/tracking.py",
+                "perf/wall_time_s": "gpt/tracking.py", "dropout/rate": "integrations/scheduler.py"}
+    for name, builder in builders.items():
+        found = [p.relative_to(root).as_posix() for folder in ("gpt", "integrations", "experiments", "envs", "bench")
                  for p in (root / folder).glob("*.py") if f'"{name}":' in p.read_text()]  # a key being set
-        assert found == ["gpt/tracking.py"], (name, found)
+        assert found == [builder], (name, found)
 
 
 def test_executors_are_a_registry_and_a_bad_name_is_one_line(tmp_path, capsys):

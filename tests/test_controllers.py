@@ -26,6 +26,8 @@ def stats(
     gap: float | None = None,
     eval_iter: int | None = None,
     max_iters: int = MAX_ITERS,
+    best: float | None = None,
+    best_iter: int | None = None,
 ) -> TrainingStats:
     """Stats at ``iteration`` with a fresh evaluation there (unless ``eval_iter`` says otherwise).
 
@@ -40,8 +42,8 @@ def stats(
         train_loss_smoothed=train,
         eval_train_loss=train,
         eval_val_loss=val,
-        best_val_loss=val,
-        best_val_iter=iteration,
+        best_val_loss=val if best is None else best,
+        best_val_iter=iteration if best_iter is None else best_iter,
         rates=(0.0,),
         eval_iter=iteration if eval_iter is None else eval_iter,
     )
@@ -396,3 +398,74 @@ def test_pid_holds_the_bias_before_start():
     assert rate_of(ctrl, stats(50, gap=0.3)) == 0.0  # 5 % of the run: not measured
     assert ctrl.internals()["measurement"] == 0.0
     assert rate_of(ctrl, stats(100, gap=0.3)) == pytest.approx(0.3)
+
+
+# --- PID v2: no scale, and its one-line explanation ---------------------------------------------------------
+
+
+def curves(passes: float) -> tuple[float, float]:
+    """A run's losses against passes over its training data: train keeps falling; val follows it at first, then
+    stalls from about pass 5 and rises after pass 10, its minimum."""
+    train = 1.0 + 3.2 * math.exp(-passes / 4.0)
+    val = 2.0 + 2.2 * math.exp(-passes / 1.5) + 0.05 * max(0.0, passes - 10.0)
+    return train, val
+
+
+def first_raise(spec: str, max_iters: int, eval_interval: int, iters_per_pass: float) -> float:
+    """Where (in passes over the data) the controller first leaves rate 0 on :func:`curves`."""
+    ctrl = make_controller(spec)
+    ctrl.reset(n_layers=2)
+    best, best_iter = math.inf, 0
+    for it in range(0, max_iters + 1, eval_interval):
+        train, val = curves(it / iters_per_pass)
+        best, best_iter = (val, it) if val < best else (best, best_iter)
+        if ctrl.update(stats(it, val=val, train=train, max_iters=max_iters, best=best, best_iter=best_iter))[0] > 0:
+            return it / iters_per_pass
+    return math.inf
+
+
+def test_pid_v2_triggers_at_the_same_pass_whatever_the_run_length_and_evaluation_interval():
+    """The same model and data (the same losses per pass), trained 1x or 2x as long with the evaluation interval
+    scaled: the default PID first raises the rate at the same pass, within one evaluation, and before val's
+    minimum (pass 10 here). The first PID, whose clock is the fraction of the run, does not."""
+    short = first_raise("pid", 2000, 100, iters_per_pass=100)   # 20 passes, an evaluation per pass
+    long = first_raise("pid", 4000, 200, iters_per_pass=100)    # 40 passes, an evaluation every 2 passes
+    assert abs(short - long) <= 2 and max(short, long) < 10, (short, long)
+    old_short = first_raise("pid:signal=gap_slope", 2000, 100, iters_per_pass=100)
+    old_long = first_raise("pid:signal=gap_slope", 4000, 200, iters_per_pass=100)
+    assert abs(old_short - old_long) > 2, (old_short, old_long)
+
+
+def test_pid_v2_transfer_measurement_and_clock():
+    ctrl = make_controller("pid:kp=0,ki=0")
+    ctrl.reset(n_layers=1)
+    for it, (train, val) in enumerate([(3.0, 3.1), (2.7, 2.8), (2.4, 2.8)]):
+        ctrl.update(stats(100 * it, val=val, train=train))
+    # the window reaches back to where log train was 5 % higher: the last two points; val did not move
+    assert ctrl.internals()["measurement"] == pytest.approx(1.0)
+    assert ctrl.prev_t == pytest.approx(math.log(3.0 / 2.4))  # the clock: how far log train has fallen
+    ctrl.update(stats(300, val=2.9, train=2.5))  # train rose: the clock stands still
+    assert ctrl.prev_t == pytest.approx(math.log(3.0 / 2.4))
+
+
+def test_every_run_explains_its_controller_in_one_line():
+    from controllers.base import describe_schedule
+
+    assert describe_schedule([(0, 0.0), (240, 0.1), (600, 0.2)], 1200) == \
+        "rate 0 until 240, then 0.1-0.2; mean rate 0.13"  # (0.1 * 360 + 0.2 * 600) / 1200
+    assert describe_schedule([(0, 0.2)], 100) == "rate 0.2 throughout"
+    ctrl = make_controller("pid")
+    ctrl.reset(n_layers=1)
+    changes = []
+    for it, (train, val) in enumerate([(3.0, 3.1), (2.7, 2.8), (2.4, 2.8), (2.1, 2.85)]):
+        rate = ctrl.update(stats(100 * it, val=val, train=train))[0]
+        if not changes or changes[-1][1] != rate:
+            changes.append((100 * it, rate))
+    line = ctrl.explain(changes, 400)
+    assert line.startswith("PID (transfer) held 0 until iteration 200, when 100% of the training loss's improvement "
+                           "failed to reach val (setpoint 80%); then ") and "\n" not in line, line
+    quiet = make_controller("pid")
+    quiet.reset(n_layers=1)
+    quiet.update(stats(0, val=3.0, train=3.0))
+    quiet.update(stats(100, val=2.5, train=2.5))
+    assert quiet.explain([(0, 0.0)], 200).startswith("PID (transfer) held 0 all run: at most 0% of")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
+import json
+import math
 import re
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("train", "train_policy", "eval_policy", "compare", "report", "bench", "convert_policy", "pbt")
+COMMANDS = ("train", "train_policy", "eval_policy", "compare", "suite", "report", "bench", "convert_policy", "pbt")
 # options of other tools the docs show (pip, pytest, wandb, ray start, the GPU check's environment)
 FOREIGN = {"--summary", "--json", "--help", "--no-deps", "--user", "--head", "--port"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -101,3 +104,61 @@ def test_every_option_in_the_prose_exists(options):
     known = set().union(*options.values()) | FOREIGN
     bad = [f"{doc.name}: {o}" for doc in DOCS for o in OPTION.findall(doc.read_text()) if o not in known]
     assert not bad, sorted(set(bad))
+
+
+# -- docs/integrations.md: its example scripts exist, take the options it shows, and run ---------------------------
+
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def example(name: str):
+    """The example script ``docs/examples/NAME.py`` as a module (its ``main(argv)`` runs it)."""
+    spec = importlib.util.spec_from_file_location(f"docs_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_integrations_doc_shows_only_existing_examples_and_their_options():
+    pytest.importorskip("transformers")
+    text = (ROOT / "docs" / "integrations.md").read_text()
+    shown = re.findall(r"python docs/examples/(\w+)\.py(.*)", text)
+    assert {name for name, _ in shown} == {"gpt2_dropout", "hf_trainer", "lightning_gpt2", "compile_recompiles"}
+    bad = []
+    for name, rest in shown:
+        if name == "lightning_gpt2" and importlib.util.find_spec("lightning") is None:
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            example(name).main(["--help"])
+        bad += [f"{name}.py {o}" for o in OPTION.findall(rest.split("#")[0]) if o not in OPTION.findall(out.getvalue())]
+    assert not bad, bad
+
+
+TINY = ["--data", str(ROOT / "README.md"), "--train-chars", "3000", "--max-iters", "4", "--eval-interval", "2",
+        "--eval-iters", "4", "--block-size", "32"]
+"""Any UTF-8 text will do: the README, 4 steps, an evaluation every 2."""
+
+
+def test_integrations_plain_loop_example_runs(tmp_path):
+    pytest.importorskip("transformers")
+    result = example("gpt2_dropout").main(TINY + ["--controller", "constant:rate=0.1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["test_loss"] == result["test_loss"] and math.isfinite(saved["test_loss"])
+    assert [h["iter"] for h in saved["history"]] == [0, 2, 4] and saved["history"][-1]["rates"] == [0.1, 0.1]
+
+
+def test_integrations_hf_trainer_example_runs(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    trainer = example("hf_trainer").main(TINY + ["--out", str(tmp_path)])
+    dropout = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "DynamicDropoutCallback")
+    assert trainer.state.global_step == 4 and dropout.scheduler.tracker.eval_iter == 4
+
+
+def test_integrations_lightning_example_runs():
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    trainer = example("lightning_gpt2").main(TINY)
+    dropout = next(c for c in trainer.callbacks if type(c).__name__ == "DynamicDropoutCallback")
+    assert trainer.global_step == 4 and dropout.scheduler.tracker.eval_iter == 4

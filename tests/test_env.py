@@ -115,7 +115,7 @@ def _stats(it, val, train, best, best_it, rate=0.1, eval_iter=None):
 
 
 def test_featurizer_values_and_state_roundtrip():
-    f = Featurizer(window=3)
+    f = Featurizer()
     first = f.observe(TrainingStats(0, 100, 1e-3, math.nan, 4.0, 4.2, 4.2, 0, (0.0, 0.0)))
     assert first.dtype == np.float32 and first.shape == (len(FEATURES),) and np.isfinite(first).all()
     seq = [_stats(10, 3.0, 2.9, 3.0, 10), _stats(20, 2.5, 2.3, 2.5, 20), _stats(30, 2.6, 2.2, 2.5, 20)]
@@ -123,13 +123,16 @@ def test_featurizer_values_and_state_roundtrip():
     names = [x.name for x in FEATURES]
     last = dict(zip(names, obs[-1]))
     assert last["progress"] == pytest.approx(0.3)
+    assert last["train_fall"] == pytest.approx(math.log(4.0 / 2.2), rel=1e-5)  # since the first evaluation
     assert last["rel_gap"] == pytest.approx((2.6 - 2.2) / 2.6, rel=1e-5)
     assert last["since_best"] == pytest.approx(0.1)
     assert last["above_best"] == pytest.approx(math.log(2.6 / 2.5), rel=1e-5)
-    assert last["train_slope"] < 0
-    # a control step without a new evaluation does not add to the slope history
+    # the window goes back to the last evaluation whose train loss was 5 % higher (2.9; 2.3 is only 4.5 % higher)
+    trains, vals = np.log([2.9, 2.3, 2.2]), np.log([3.0, 2.5, 2.6])
+    assert last["memorised"] == pytest.approx(1 - np.polyfit(trains, vals, 1)[0], rel=1e-5)
+    # a control step without a new evaluation adds nothing
     same = f.observe(_stats(35, 2.6, 2.2, 2.5, 20, eval_iter=30))
-    assert same[names.index("val_slope")] == obs[-1][names.index("val_slope")]
+    assert same[names.index("memorised")] == obs[-1][names.index("memorised")]
     g = Featurizer()
     g.load_state_dict(f.state_dict())
     nxt = _stats(40, 2.7, 2.1, 2.5, 20)
@@ -189,3 +192,52 @@ def test_a_data_limited_episode_overfits_at_rate_0(env_cls):
     _, _, info = run_episode(env, [[-1.0]] * 6, seed=0, options={"instance": 1000})
     assert info["iteration"] == 300
     assert info["val_loss"] > info["best_val_loss"] + 0.1
+
+
+# -- micro-regimes: PPO's family of episodes --------------------------------------------------------------------
+
+
+def test_micro_regimes_are_reproducible_varied_and_outside_the_suite():
+    from envs.micro import EVAL_REGIMES, TRAIN_REGIMES, micro_regime
+    from experiments.suite import REGIMES
+
+    assert micro_regime(9003) == micro_regime(9003)
+    drawn = [micro_regime(s) for s in TRAIN_REGIMES[:200]]
+    for key in ("n_embd", "train_chars", "learning_rate"):
+        assert len({d["config"][key] for d in drawn}) > 1, key
+    assert len({d["max_iters"] for d in drawn}) > 1
+    assert all(d["max_iters"] == 10 * d["interval"] for d in drawn)  # ten decisions each
+    assert set(TRAIN_REGIMES).isdisjoint(EVAL_REGIMES)
+    # the suite's held-out regimes are 4-layer models of the cpu preset: no micro-regime is one of them
+    held_out = [r.config() for r in REGIMES.values() if r.split == "test" and not r.gpu]
+    for d in drawn + [micro_regime(s) for s in EVAL_REGIMES]:
+        assert d["preset"] == "tiny" and d["config"]["n_layer"] == 2
+        assert all((d["config"]["n_layer"], d["config"]["n_embd"]) != (c.n_layer, c.n_embd) for c in held_out)
+
+
+def test_a_micro_episode_runs_its_instances_regime(env_cls):
+    from envs.micro import micro_regime
+
+    env = env_cls(episode="micro", max_iters=20, interval=10)
+    obs, info = env.reset(options={"instance": 9001})
+    regime = micro_regime(9001)
+    assert env.trainer.cfg.n_embd == regime["config"]["n_embd"]
+    assert env.trainer.cfg.train_chars == regime["config"]["train_chars"]
+    assert env.trainer.cfg.learning_rate == regime["config"]["learning_rate"] and env.trainer.cfg.max_iters == 20
+    assert env.train_seeds[0] == 1000 and env.eval_seeds[0] == 9000  # the family's own instances
+    *_, info = run_episode(env, [0.0, 0.0], options={"instance": 9001})
+    assert info["instance"] == 9001 and info["iteration"] == 20
+
+
+def test_the_population_env_draws_one_micro_regime_per_round(chardata):
+    from envs.population_env import PopulationVecEnv
+
+    venv = PopulationVecEnv(2, {"episode": "micro", "max_iters": 20, "interval": 10}, threads=1)
+    venv.seed(3)
+    venv.reset()
+    first = venv.instances
+    assert first[0] == first[1] and venv.trainer.seeds == [first[0], first[0] + 100_000]
+    for _ in range(2):
+        _, _, dones, infos = venv.step(np.zeros((2, 1), dtype=np.float32))
+    assert dones.all() and all("episode" in i for i in infos)
+    assert venv.instances[0] == venv.instances[1] and venv.trainer.iterations == [0, 0]  # the next regime began

@@ -23,9 +23,31 @@ def policy(chardata, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo")
     code = train_policy.main(["--out", str(out), "--total-timesteps", "16", "--n-envs", "2", "--n-steps", "8",
                               "--batch-size", "8", "--n-epochs", "1", "--checkpoint-every", "8", "--wandb", "disabled",
-                              "--no-progress", *ENV_ARGS])
+                              "--no-progress", "--episode", "overfit", "--curve-regimes", "1", "--curve-seeds", "1",
+                              "--curve-every", "0", *ENV_ARGS])
     assert code == 0
     return out / "policy.safetensors"
+
+
+def test_the_learning_curve_deploys_the_policy_on_held_out_instances(policy):
+    """Before training and after it, the policy as it was, on the episode's first held-out instance: its regret
+    against the best constant there (by val), per (instance, seed), and a figure."""
+    curve = json.loads((policy.parent / "learning_curve.json").read_text())
+    assert curve["regimes"] == [9000] and curve["seeds"] == 1
+    assert [p["env_steps"] for p in curve["points"]] == [0, 16]
+    for point in curve["points"]:
+        assert list(point["per_pair"]) == ["9000/0"] and point["regret"] == point["per_pair"]["9000/0"]
+        assert (policy.parent / "curve" / f"policy_{point['env_steps']}.safetensors").is_file()
+    assert (policy.parent / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_regret_is_against_the_constant_val_chooses():
+    from envs.policy_training import regrets
+
+    reference = {7: {"constant:rate=0": [{"test_loss": 2.0, "best_val_loss_full": 2.3}],
+                     "constant:rate=0.1": [{"test_loss": 2.2, "best_val_loss_full": 2.1}]}}
+    policy = {7: {"ppo": [{"test_loss": 2.15, "best_val_loss_full": 2.2}]}}
+    assert regrets(policy, reference, "ppo") == {"7/0": pytest.approx(-0.05)}  # 2.15 - 2.2, not 2.15 - 2.0
 
 
 def test_saves_policy_metadata_and_checkpoints(policy):

@@ -48,7 +48,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["--controller", "pid:signal=gap,kp=2.0,ki=2.0,start=0", *SHORT, "--max-iters", "60"]
+    args = ["--controller", "pid:signal=gap,setpoint=0,kp=2.0,ki=2.0,start=0", *SHORT, "--max-iters", "60"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert cli([*args, "--out", str(full)]) == 0
 
@@ -70,6 +70,8 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a["best_val_loss"] == b["best_val_loss"]
     assert a["final_train_loss"] == b["final_train_loss"]
     assert a["final_rates"] == b["final_rates"]
+    assert a["controller_explanation"] == b["controller_explanation"]  # where the rate changed travels in checkpoints
+    assert a["controller_explanation"].startswith("PID (gap) held 0 until iteration ")
     strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
     assert strip(read_metrics(full)) == strip(read_metrics(part))  # the same history, no duplicates
 
