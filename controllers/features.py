@@ -148,10 +148,13 @@ def action_to_rates(action: Any, p_min: float, p_max: float, n_layers: int) -> t
     """Map a policy action in [-1, 1] linearly onto [p_min, p_max]: one rate per layer.
 
     The action has one entry (the same rate for every layer) or ``n_layers`` entries. Out-of-range
-    actions (a Gaussian policy's samples) are clipped first, so -1 and below give ``p_min`` and 1 and
-    above give ``p_max``.
+    actions (a Gaussian policy's samples, infinities) are clipped first, so -1 and below give ``p_min`` and 1 and
+    above give ``p_max``. A NaN has no place in the range to clip to: it raises ``ValueError``.
     """
-    a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if np.isnan(a).any():
+        raise ValueError(f"an action holds NaN ({a.tolist()}); actions are numbers, clipped into [-1, 1]")
+    a = np.clip(a, -1.0, 1.0)
     if a.size == 1:
         a = np.repeat(a, n_layers)
     if a.size != n_layers:

@@ -167,7 +167,7 @@ class PIDController(Controller):
         if self.signal == "gap":
             return float(stats.gap)
         if self.signal == "rel_gap":
-            return float(stats.gap / stats.eval_val_loss)
+            return float(stats.gap / stats.eval_val_loss) if stats.eval_val_loss else 0.0  # a loss of 0: no gap
         if self.signal == "above_best":
             return float(stats.eval_val_loss - stats.best_val_loss)
         self.recent = (self.recent + [(t, float(stats.eval_val_loss), float(stats.gap))])[-self.window:]

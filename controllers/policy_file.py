@@ -126,9 +126,11 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     if version != FEATURE_VERSION:
         raise UserError(f"policy {policy} was trained on features {version!r}, but this code computes "
                         f"{FEATURE_VERSION!r}; retrain it with python -m runs.train_policy")
+    missing = [k for k in ("p_min", "p_max") if k not in meta]
+    _require(not missing, path, f"it has no {' and no '.join(missing)} (the action's rate range)")
     try:
         check_bounds(float(meta["p_min"]), float(meta["p_max"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"policy metadata {path} has bad action bounds: {e}") from None
     net = meta.get("network")
     _require(isinstance(net, dict), path, "no 'network' description")
@@ -140,8 +142,9 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     _require(widths(arch) or (isinstance(arch, dict) and set(arch) == {"pi", "vf"} and all(map(widths, arch.values()))),
              path, "net_arch is not a list of layer widths or a dict of pi and vf widths")
     _require(net.get("activation") in ACTIVATIONS, path, f"activation is not one of {ACTIVATIONS}")
-    _require(isinstance(net.get("log_std_init"), (int, float)) and math.isfinite(net["log_std_init"]), path,
-             "log_std_init is not a number")
+    log_std = net.get("log_std_init")
+    _require(isinstance(log_std, (int, float)) and not isinstance(log_std, bool) and abs(log_std) <= 20, path,
+             "log_std_init is not a number in [-20, 20]")
     per_layer = meta.get("per_layer")
     _require(isinstance(per_layer, bool), path, "per_layer is not true or false")
     if per_layer:
@@ -152,12 +155,27 @@ def read_metadata(policy: str | Path) -> dict[str, Any]:
     return meta
 
 
+def parameter_count(network: dict[str, Any]) -> int:
+    """How many numbers the network that ``network`` (the metadata's description) builds holds, computed without
+    building it: the policy and value MLPs, the action and value heads, and ``log_std``."""
+    arch = network["net_arch"]
+    pi, vf = (arch["pi"], arch["vf"]) if isinstance(arch, dict) else (arch, arch)
+
+    def mlp(widths: list[int], out: int) -> int:
+        sizes = [network["obs_dim"], *widths]
+        return sum((a + 1) * b for a, b in zip(sizes, sizes[1:])) + (sizes[-1] + 1) * out
+
+    return mlp(pi, network["n_actions"]) + mlp(vf, 1) + network["n_actions"]
+
+
 def load_policy(policy: str | Path) -> tuple[Any, dict[str, Any]]:
     """The policy network (sb3 ``ActorCriticPolicy``, eval mode, CPU) and its metadata.
 
     Order of checks: the metadata (:func:`read_metadata`), the weights file's sha256 against it, the
-    safetensors header's names, dtypes and shapes against the network the metadata describes; only then
-    are the weights read. Raises ``UserError`` (one line) at the first that fails.
+    safetensors header's size against the network the metadata describes (:func:`parameter_count`: a network
+    is built only once the file holds its numbers), then every tensor's name, dtype and shape against the built
+    network; only then are the weights read, and they must be finite. Raises ``UserError`` (one line) at the first
+    that fails.
     """
     meta = read_metadata(policy)
     policy = Path(policy)
@@ -167,18 +185,27 @@ def load_policy(policy: str | Path) -> tuple[Any, dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    network = _build_network(meta["network"])
-    want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in network.state_dict().items()}
     try:
         with safe_open(str(policy), framework="pt") as f:
             got = {k: (tuple(f.get_slice(k).get_shape()), _dtype_name(f.get_slice(k).get_dtype())) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"policy {policy} is not a readable safetensors file ({e})") from None
+    held, described = sum(math.prod(shape) for shape, _ in got.values()), parameter_count(meta["network"])
+    if held != described:
+        raise UserError(f"policy {policy} does not hold the network its metadata describes (it holds {held} numbers, "
+                        f"that network {described}); save the policy again with runs.train_policy")
+    network = _build_network(meta["network"])
+    want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in network.state_dict().items()}
     if got != want:
         wrong = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
         raise UserError(f"policy {policy} does not hold the network its metadata describes "
                         f"(differs at: {', '.join(wrong[:3])})")
-    network.load_state_dict(load_file(str(policy)), strict=True)
+    weights = load_file(str(policy))
+    broken = sorted(k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all())
+    if broken:
+        raise UserError(f"policy {policy} has weights that are NaN or infinite (in {', '.join(broken[:3])}); it "
+                        "cannot act: retrain it with python -m runs.train_policy")
+    network.load_state_dict(weights, strict=True)
     return network.eval(), meta
 
 

@@ -62,7 +62,14 @@ class PPOController(Controller):
         return np.asarray(action, dtype=np.float32).reshape(-1)
 
     def _update(self, stats: TrainingStats) -> Rate:
-        self.last_action = self.act(self.featurizer.observe(stats))
+        try:  # finite weights can still overflow to a NaN mean, which torch's Normal refuses
+            action = self.act(self.featurizer.observe(stats))
+        except ValueError:
+            action = np.full(self.n_actions, np.nan, dtype=np.float32)
+        if np.isnan(action).any():
+            raise UserError(f"policy {self.policy} gave no action (NaN) at iteration {stats.iteration}: its network "
+                            "overflows there; retrain it with python -m runs.train_policy")
+        self.last_action = action
         return action_to_rates(self.last_action, self.p_min, self.p_max, self.n_layers)
 
     def internals(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ comparison's folders; ``--policy PATH`` is only a shorthand that :func:`with_pol
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from typing import Any, Iterable, Sequence
@@ -32,7 +33,7 @@ def spec_name(spec: str) -> str:
 def spec_params(spec: str) -> dict[str, str]:
     """The ``key=value`` pairs of ``spec`` as text, in order (keys with ``-`` read as ``_``).
 
-    :raises UserError: an item without ``=``.
+    :raises UserError: an item without ``=``, or a key given twice (which one would count is a guess).
     """
     name, _, arg_text = spec.strip().partition(":")
     params: dict[str, str] = {}
@@ -40,8 +41,39 @@ def spec_params(spec: str) -> dict[str, str]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"controller {name.strip()!r}: bad parameter {item!r}; expected key=value")
-        params[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in params:
+            raise UserError(f"controller {name.strip()!r}: parameter {key} is given twice ({key}={params[key]} and "
+                            f"{key}={value.strip()}); give it once")
+        params[key] = value.strip()
     return params
+
+
+def _number_text(value: int | float) -> str:
+    """The one way a number is written in a spec: Python's shortest round-trip form, without a trailing ``.0``
+    (``0.10`` -> ``0.1``, ``+2.0`` -> ``2``, ``1e-3`` -> ``0.001``)."""
+    text = repr(value + 0 if isinstance(value, int) else value + 0.0)  # + 0.0: -0.0 is 0
+    return text[:-2] if text.endswith(".0") else text
+
+
+def canonical_spec(spec: str) -> str:
+    """``spec`` written the one way its controller is: the name, then each ``key=value`` in the order given, every
+    number in :func:`_number_text` form. Two specs that build the same controller this way are one table row and
+    one trial folder (``constant:rate=0.1`` and ``constant:rate=+0.10``). Names that are not controllers (a
+    comparison's ``pbt`` row) come back as given.
+
+    :raises UserError: a value that is not of its parameter's type, or a key given twice.
+    """
+    name = spec_name(spec)
+    if name not in CONTROLLERS:
+        return spec.strip()
+    hints = {k: p.annotation for k, p in inspect.signature(CONTROLLERS[name].__init__).parameters.items()
+             if k != "self"}
+    items = []
+    for key, text in spec_params(spec).items():
+        value = _parse_value(text, hints[key], key, name) if key in hints else text
+        items.append(f"{key}={_number_text(value) if isinstance(value, (int, float)) else text}")
+    return f"{name}:{','.join(items)}" if items else name
 
 
 def _parse_value(text: str, annotation: Any, key: str, name: str) -> Any:
@@ -127,9 +159,10 @@ def parse_controllers(text: str | Sequence[str], rows: Iterable[str] = ()) -> li
       ``linear:end=0@start=0.1,0.3`` gives ``linear:end=0,start=0.1`` and ``linear:end=0,start=0.3``.
 
     A comma-separated item starts a new controller when it begins with a name (``pid``, ``val_loss:...``);
-    items like ``0.2`` or ``end=0`` continue the one before. Duplicates are dropped. Specs are not built
-    here (see :func:`check_specs`). ``rows``: further names that start an item though they are not
-    controllers (a comparison's ``pbt`` row). Raises ``UserError`` for an empty list or a stray value.
+    items like ``0.2`` or ``end=0`` continue the one before. Each spec comes back in its :func:`canonical_spec`
+    form, and duplicates (``constant@0.1,0.10``) are dropped. Specs are not built here (see :func:`check_specs`).
+    ``rows``: further names that start an item though they are not controllers (a comparison's ``pbt`` row).
+    Raises ``UserError`` for an empty list, a stray value, a value not of its type, or a key given twice.
     """
     rows = tuple(rows)
     items = [s.strip() for s in ([text] if isinstance(text, str) else text) for s in s.split(",")]
@@ -147,7 +180,7 @@ def parse_controllers(text: str | Sequence[str], rows: Iterable[str] = ()) -> li
         raise UserError("--controllers is empty; name at least one controller, e.g. constant@0,0.1,linear")
     specs: list[str] = []
     for group in groups:
-        for spec in _expand_sweep(group):
+        for spec in map(canonical_spec, _expand_sweep(group)):
             if spec not in specs:
                 specs.append(spec)
     return specs
@@ -184,6 +217,15 @@ def check_specs(specs: Iterable[str]) -> None:
         make_controller(spec)
 
 
+SLUG_MAX = 200
+"""Longest :func:`slug`, in characters: a trial folder ``<slug>-s<seed>`` stays within a file name's 255 bytes."""
+
+
 def slug(spec: str) -> str:
-    """A file-name-safe form of a controller spec: ``constant:rate=0.1`` -> ``constant_rate0.1``."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "", spec.replace(":", "_").replace(",", "_").replace("=", ""))
+    """A file-name-safe form of a controller spec: ``constant:rate=0.1`` -> ``constant_rate0.1``. One longer than
+    :data:`SLUG_MAX` (a ppo spec with a deep policy path) is cut, and ends with 12 hex digits of the spec's sha256
+    instead, so distinct specs keep distinct folders."""
+    text = re.sub(r"[^A-Za-z0-9_.-]", "", spec.replace(":", "_").replace(",", "_").replace("=", ""))
+    if len(text) <= SLUG_MAX:
+        return text
+    return f"{text[:SLUG_MAX - 13]}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

@@ -18,7 +18,7 @@ from controllers.features import FEATURE_VERSION, Featurizer, action_to_rates, c
 from dyndrop import UserError
 from gpt import Diverged, Trainer, make_config, shared_data
 from gpt.config import MAX_SEED, TrainConfig
-from gpt.trainer import resolve_device
+from gpt.trainer import check_memory, resolve_device
 
 from .micro import DECISIONS, EVAL_REGIMES, LENGTHS, MICRO, TRAIN_REGIMES, micro_regime
 
@@ -99,7 +99,11 @@ class DropoutEnv(gym.Env):
     :param torch_threads: ``torch.set_num_threads`` for this process; 1 because on a shared 2-core machine
         more threads oversubscribe (docs/results.md); None = leave it.
     :param data: the dataset path (default: ``$DYNDROP_DATA_DIR``/the cache), read once per process.
-    :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``), over the episode's.
+    :param config: further :class:`gpt.config.TrainConfig` overrides (e.g. ``eval_iters``), over the episode's;
+        ``max_iters`` and ``preset`` there are the arguments of those names. ``seed`` (the instance's),
+        ``eval_interval`` and ``control_interval`` (``interval``) are the env's own and refused.
+
+    Every argument is checked here (numbers finite and in range, seeds in range): a bad one raises ``UserError``.
     """
 
     metadata = {"render_modes": []}
@@ -111,14 +115,47 @@ class DropoutEnv(gym.Env):
                  train_seeds: tuple[int, ...] = TRAIN_SEEDS, eval_seeds: tuple[int, ...] = EVAL_SEEDS,
                  torch_threads: int | None = 1, data: str | None = None,
                  config: dict[str, Any] | None = None) -> None:
-        if episode not in EPISODES:
+        if not isinstance(episode, str) or episode not in EPISODES:
             raise UserError(f"unknown episode {episode!r}; choose one of: {', '.join(EPISODES)}")
         named = EPISODES[episode]
+        if config is not None and not isinstance(config, dict):
+            _refuse("config", config, "a dict of settings, or None")
+        config = dict(config or {})
+        for key, arg in (("seed", "reset(options={'instance': k})"), ("eval_interval", "interval"),
+                         ("control_interval", "interval")):
+            if key in config:
+                raise UserError(f"config[{key!r}] is set by the env: use {arg}")
+        for key, given in (("max_iters", max_iters), ("preset", preset)):  # the same setting, two ways in
+            if key in config and given is not None and config[key] != given:
+                raise UserError(f"{key}={given!r} and config[{key!r}]={config[key]!r} disagree; give one of them")
+        preset = preset if preset is not None else config.pop("preset", None)
+        max_iters = max_iters if max_iters is not None else config.pop("max_iters", None)
+        config.pop("preset", None), config.pop("max_iters", None)
         self.length_given = (max_iters, interval)  # a family's own lengths give way to these (tests shorten runs)
         preset = preset if preset is not None else named["preset"]
         max_iters = max_iters if max_iters is not None else named["max_iters"]
         interval = interval if interval is not None else named["interval"]
+        for name, value in (("max_iters", max_iters), ("interval", interval)):
+            if not _is_int(value):
+                _refuse(name, value, "a whole number")
+        for name, value, low in (("reward_scale", reward_scale, "> 0"), ("terminal_weight", terminal_weight, ">= 0"),
+                                 ("divergence_penalty", divergence_penalty, ">= 0")):
+            if not (_is_number(value) and math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                _refuse(name, value, f"a finite number {low}")
+        if not isinstance(per_layer, (bool, np.bool_)):
+            _refuse("per_layer", per_layer, "True or False")
+        if torch_threads is not None and not (_is_int(torch_threads) and torch_threads >= 0):
+            _refuse("torch_threads", torch_threads, "a whole number >= 0, or None")
+        for name, seeds in (("train_seeds", train_seeds), ("eval_seeds", eval_seeds)):
+            if not (isinstance(seeds, (tuple, list, range)) and all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
+                _refuse(name, seeds, f"a sequence of whole numbers in [0, {MAX_SEED}]")
+        if not isinstance(preset, str):
+            _refuse("preset", preset, "a preset's name")
+        if data is not None and not isinstance(data, str):
+            _refuse("data", data, "a path, or None")
         try:
+            if not (_is_number(p_min) and _is_number(p_max)):
+                raise ValueError(f"p_min={p_min!r} and p_max={p_max!r} must be numbers")
             check_bounds(p_min, p_max)
         except ValueError as e:
             raise UserError(str(e)) from None
@@ -142,9 +179,10 @@ class DropoutEnv(gym.Env):
         if self.family and train_seeds is TRAIN_SEEDS and eval_seeds is EVAL_SEEDS:  # the family's own instances
             train_seeds, eval_seeds = TRAIN_REGIMES, EVAL_REGIMES
         self.split, self.train_seeds, self.eval_seeds = split, tuple(train_seeds), tuple(eval_seeds)
-        self.config_overrides = {**named["config"], **(config or {})}
+        self.config_overrides = {**named["config"], **config}
         self.base_config = episode_config(preset, max_iters, interval, **self.config_overrides)
         self.data = shared_data(data, str(resolve_device(self.base_config.device)))
+        check_memory(self.base_config, self.data.vocab_size)  # config={"n_embd": ...} builds a model at every reset
         self.score = EpisodeScore(reward, reward_scale, terminal_weight, divergence_penalty)
         n_actions = self.base_config.n_layer if per_layer else 1
         self.action_space = gym.spaces.Box(-1.0, 1.0, (n_actions,), dtype=np.float32)
@@ -209,6 +247,24 @@ class DropoutEnv(gym.Env):
                                                                   (regime["max_iters"], regime["interval"])))
         return episode_config(regime["preset"], max_iters, interval, seed=seed,
                               **{**regime["config"], **self.config_overrides})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        float(value)  # an int too long for a float is no number here
+    except OverflowError:
+        return False
+    return True
+
+
+def _refuse(name: str, value: Any, must: str) -> Any:
+    raise UserError(f"{name}={str(value)[:60]!r} is invalid: it must be {must}")
 
 
 def episode_info(instance: int, stats: TrainingStats) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar
 
 from controllers import with_policy
 from dyndrop import UserError, read_json, write_json
+from dyndrop.folders import check_output_path
 from gpt.config import MAX_SEED, TrainConfig
 
 from .trials import Trial, TrialJob, TrialResult, load_result, run_population, run_trial, trial_status
@@ -247,10 +248,9 @@ class Comparison:
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor} is invalid: it must be one of {', '.join(EXECUTORS)}")
         self.runner: Executor = EXECUTORS[self.executor](self)
-        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)) or not (
-                self.gpus_per_trial >= 0 and math.isfinite(self.gpus_per_trial)):
-            raise UserError(f"--cpus-per-trial {self.cpus_per_trial} must be > 0 and --gpus-per-trial "
-                            f"{self.gpus_per_trial} >= 0")
+        from .ray_executor import check_request
+
+        check_request(self.cpus_per_trial, self.gpus_per_trial)
         if self.population < 1:
             raise UserError(f"--population {self.population} is invalid: it must be at least 1")
         if self.jobs < 1:
@@ -268,6 +268,13 @@ class Comparison:
             raise UserError(f"--seeds repeats a seed: {self.seeds}")
         if self.baseline is not None and self.baseline not in self.specs:
             raise UserError(f"--baseline {self.baseline!r} is not one of the controllers: {', '.join(self.specs)}")
+        folders: dict[str, str] = {}
+        for spec in self.specs:  # two specs in one folder: the second trial would delete the first one's
+            other = folders.setdefault(Trial(spec, 0).folder_name, spec)
+            if other != spec:
+                raise UserError(f"controllers {other!r} and {spec!r} would share the trial folders "
+                                f"{Trial(spec, 0).folder_name.removesuffix('-s0')}-s<seed>; give only one of them, "
+                                "or tell them apart by more than punctuation")
 
     @property
     def group(self) -> str:
@@ -320,8 +327,14 @@ class Comparison:
             raise UserError(f"comparison record {path} is corrupt ({type(e).__name__}: {e}); "
                             "rerun python -m runs.compare with the same settings to rewrite it") from None
 
+    def preflight(self) -> None:
+        """Every path the comparison will write fits the filesystem (:func:`dyndrop.folders.check_output_path`):
+        raises ``UserError`` before anything is written."""
+        check_output_path(self.out, inside=[Path("trials", self.folder(t).name, "pbt_members.json.tmp")
+                                            for t in self.trials])
+
     def pending(self) -> list[Trial]:
-        """Trials not finished yet (raises ``UserError`` if a finished one has other settings)."""
+        """Trials not finished yet (raises ``UserError`` if a finished one has other settings or inputs)."""
         return [t for t in self.trials if trial_status(self.folder(t), self.trial_config(t), t.spec) == "todo"]
 
     def results(self) -> list[TrialResult]:
@@ -345,8 +358,9 @@ class Comparison:
         """
         from .pbt import is_pbt
 
+        self.preflight()
+        todo = self.pending()  # a finished trial with other settings or inputs is refused before anything is written
         self.save()
-        todo = self.pending()
         progress = self.cfg.progress and self.runner.shows_trial_progress()
         self.runner.run([(t, self.job(t, progress)) for t in todo if not is_pbt(t.spec)], on_done, bar)
         for trial in (t for t in todo if is_pbt(t.spec)):

@@ -202,7 +202,10 @@ def member(config: dict[str, Any], job: MemberJob) -> None:
             tune.report({"val_loss": math.inf, "best_val_loss": trainer.history.best_val_loss,
                          "iteration": trainer.iteration, "step_iters": n, "rate": rate, "diverged": True})
             return
-        with tempfile.TemporaryDirectory(prefix="dyndrop-pbt-ckpt-") as d:
+        # inside the driver's temporary folder (cfg.out), which the driver removes however the run ends: a member
+        # stopped while it waits in tune.report (a SIGTERM, Ctrl-C) never leaves this block
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ckpt-", dir=cfg.out) as d:
             torch.save(trainer.state_dict(), Path(d) / STATE)
             if trainer.best_weights is not None:
                 torch.save({k: v.cpu() for k, v in trainer.best_weights.items()}, Path(d) / BEST)

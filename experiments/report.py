@@ -176,14 +176,16 @@ img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
-def write_report(out: str | Path) -> Path:
-    """Rebuild the table of the comparison in ``out`` and write ``report.html`` and ``figures/*.png`` there."""
+def write_report(out: str | Path, dest: str | Path | None = None) -> Path:
+    """Rebuild the table of the comparison in ``out`` and write ``report.html``, ``figures/*.png`` and ``results.*``
+    into ``dest`` (default ``out``)."""
     out = Path(out)
+    dest = Path(dest) if dest is not None else out
     comparison = Comparison.load(out)
     results = comparison.results()
     table = aggregate(comparison, results)
-    write_tables(table, out)  # so results.* always match the page, also for a partly finished comparison
-    paths = draw_figures(comparison, table, results, out / "figures")
+    write_tables(table, dest)  # so results.* always match the page, also for a partly finished comparison
+    paths = draw_figures(comparison, table, results, dest / "figures")
     m = table.meta
     target = "" if m["target_val_loss"] is None else (
         f" Iterations and seconds to the val loss {m['target_val_loss']:.3f} (--target) are means over the seeds "
@@ -210,7 +212,7 @@ def write_report(out: str | Path) -> Path:
                   f"<img alt='{name}' src='data:image/png;base64,{data}'>",
                   f"<p class='meta'>File: figures/{name}.png</p>"]
     parts.append("</body></html>")
-    page = out / "report.html"
+    page = dest / "report.html"
     page.write_text("\n".join(parts) + "\n")
     return page
 
@@ -243,21 +245,23 @@ def regret_figure(result: dict[str, Any]):
     return fig
 
 
-def write_suite_report(out: str | Path) -> Path:
-    """``figures/regret.png`` and ``report.html`` (the suite's tables and the figure) in the suite folder ``out``."""
+def write_suite_report(out: str | Path, dest: str | Path | None = None) -> Path:
+    """``figures/regret.png`` and ``report.html`` (the suite's tables and the figure) of the suite folder ``out``,
+    written into ``dest`` (default ``out``)."""
     from dyndrop import read_json
 
     from .suite import markdown
 
     out = Path(out)
+    dest = Path(dest) if dest is not None else out
     result = read_json(out / "suite.json", "suite result")
-    (out / "figures").mkdir(exist_ok=True)
-    path = out / "figures" / "regret.png"
+    (dest / "figures").mkdir(parents=True, exist_ok=True)
+    path = dest / "figures" / "regret.png"
     fig = regret_figure(result)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    page = out / "report.html"
+    page = dest / "report.html"
     page.write_text("\n".join([
         "<!doctype html>", "<html><head><meta charset='utf-8'>",
         f"<title>suite: regret per regime</title><style>{_STYLE}</style></head><body>",
@@ -286,11 +290,13 @@ def curve_change(out: str | Path) -> dict[str, float]:
             "n": test["n"], "first_steps": points[0]["env_steps"], "last_steps": points[-1]["env_steps"]}
 
 
-def write_curve_report(out: str | Path) -> Path:
-    """``learning_curve.png`` (held-out regret against env steps, ± one standard error) and ``report.html``."""
+def write_curve_report(out: str | Path, dest: str | Path | None = None) -> Path:
+    """``learning_curve.png`` (held-out regret against env steps, ± one standard error) and ``report.html`` of the
+    policy folder ``out``, written into ``dest`` (default ``out``)."""
     from dyndrop import read_json
 
     out = Path(out)
+    dest = Path(dest) if dest is not None else out
     curve = read_json(out / "learning_curve.json", "learning curve")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -303,12 +309,12 @@ def write_curve_report(out: str | Path) -> Path:
     ax.set_title(f"PPO on micro-regimes: {len(curve['regimes'])} held-out regimes × {curve['seeds']} seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "learning_curve.png"
+    path = dest / "learning_curve.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     c = curve_change(out)
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    page = out / "report.html"
+    page = dest / "report.html"
     page.write_text("\n".join([
         "<!doctype html>", "<html><head><meta charset='utf-8'>",
         f"<title>learning curve</title><style>{_STYLE}</style></head><body>", "<h1>Learning curve</h1>",

@@ -33,7 +33,7 @@ from gpt.config import TrainConfig, canonical_settings, make_config
 
 from .comparison import Comparison
 from .stats import CONFIDENCE, EQUIVALENCE_MARGIN, holm, mean_ci, paired_test, tost, verdict
-from .trials import UNCOMPARED_SETTINGS
+from .trials import UNCOMPARED_SETTINGS, inputs_identity
 
 REFERENCES = Path(__file__).resolve().parent / "references"
 """Where the reference sweeps live (one JSON per regime), in the repository."""
@@ -128,13 +128,11 @@ def run_digest(cfg: TrainConfig, threads: int = THREADS) -> dict[str, Any]:
     """What decides a run's numbers besides its seed and controller, and its sha256 (``digest``)."""
     import torch
 
-    from gpt.data import shared_data
-    from gpt.trainer import NUMERICS_VERSION, resolve_device
-
     settings = {k: v for k, v in canonical_settings(dataclasses.asdict(cfg)).items()
                 if k not in UNCOMPARED_SETTINGS and k != "seed"}
-    parts = {"settings": settings, "data_sha256": shared_data(cfg.data, resolve_device(cfg.device)).sha256,
-             "numerics": NUMERICS_VERSION, "torch": torch.__version__.split("+")[0], "threads": threads}
+    identity = inputs_identity(cfg, "constant")  # the one definition of a run's inputs, as trials and resume use it
+    parts = {"settings": settings, "data_sha256": identity["data_sha256"], "numerics": identity["numerics"],
+             "torch": torch.__version__.split("+")[0], "threads": threads}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return {**parts, "digest": digest}
 

@@ -24,7 +24,7 @@ from controllers.specs import slug
 from dyndrop import UserError, read_json, write_json
 from dyndrop.folders import clear_run_folder
 from gpt.config import TrainConfig, canonical_settings
-from gpt.tracking import read_records
+from gpt.tracking import read_records, read_summary
 
 UNCOMPARED_SETTINGS = ("out", "progress", "wandb", "wandb_project", "wandb_group", "checkpoint", "device")
 """Settings that may differ between a finished trial and a rerun without making the trial stale."""
@@ -40,13 +40,14 @@ def run_name(cfg: TrainConfig, spec: str) -> str:
 
 
 def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
-    """Build every controller and load the data on the config's device, checking the settings that depend on
-    the data, so a bad input fails before any folder is written. Returns the data (``gpt.shared_data``)."""
+    """Build every controller for the config's model (a per-layer policy must fit its layers) and load the data on
+    the config's device, checking the settings that depend on the data, so a bad input fails before any folder is
+    written. Returns the data (``gpt.shared_data``)."""
     from gpt.data import shared_data
-    from gpt.trainer import resolve_device
+    from gpt.trainer import check_memory, resolve_device
 
     for spec in specs:
-        make_controller(spec)
+        make_controller(spec).reset(cfg.n_layer)
     data = shared_data(cfg.data, resolve_device(cfg.device))
     data.train_split(cfg.train_chars)
     for split in ("val", "test"):
@@ -54,6 +55,7 @@ def check_inputs(cfg: TrainConfig, specs: list[str]) -> Any:
             raise UserError(f"--block-size {cfg.block_size} needs more than {cfg.block_size} characters of {split} "
                             f"text (each is half of the last 10 % of the file), but {data.source} gives "
                             f"{len(getattr(data, split))}; use a smaller --block-size or a longer file")
+    check_memory(cfg, data.vocab_size)
     return data
 
 
@@ -99,7 +101,9 @@ def make_trainer(cfg: TrainConfig, spec: str, *, data: Any = None, ckpt: dict[st
     logger = open_logger(cfg, spec, controller, name=name, group=group, wandb_dir=wandb_dir, extra_config=extra_config,
                          resume_iter=ckpt["iteration"] if ckpt is not None else None)
     try:
-        trainer = Trainer(cfg, controller, data=data, logger=logger, meta={"controller": spec})
+        # the checkpoints record the inputs, so that --resume can refuse a replaced policy or data file
+        trainer = Trainer(cfg, controller, data=data, logger=logger,
+                          meta={"controller": spec, **inputs_identity(cfg, spec)})
         if ckpt is not None:
             trainer.load_state_dict(ckpt, source=f"checkpoint {Path(cfg.out) / 'ckpt_last.pt'}")
     except BaseException:
@@ -172,28 +176,47 @@ def trial_status(folder: Path, cfg: TrainConfig, spec: str) -> str:
                if want.get(k) != got.get(k)]
     if saved.get("controller") != spec:
         changes.append(f"controller: {saved.get('controller')} -> {spec}")
-    identity = inputs_identity(cfg, spec)
-    if saved.get("policy_sha256") != identity["policy_sha256"]:
-        changes.append("the policy file differs")
-    if saved.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
-        changes.append("the --data text differs")
-    if saved.get("numerics", 1) != identity["numerics"]:
-        changes.append(f"the code's numbers changed (numerics version {saved.get('numerics', 1)} -> {identity['numerics']})")
+    # a trial recorded before the numerics version existed was version 1; one without a policy digest is not known
+    # to have used this policy file
+    changes += identity_changes({"numerics": 1, "policy_sha256": None, **saved}, cfg, spec)
     if changes:
         raise UserError(f"{folder} holds a finished trial with other settings ({', '.join(changes)}); "
                         "use another --out, or delete that folder to retrain it")
     return "diverged" if (folder / "diverged.json").exists() else "done"
 
 
+IDENTITY_KEYS = ("data_sha256", "policy_sha256", "numerics")
+"""What :func:`inputs_identity` records."""
+
+
 def inputs_identity(cfg: TrainConfig, spec: str) -> dict[str, Any]:
-    """What decides a trial's numbers beyond its settings and controller spec: the data's sha256, the policy
-    file's (ppo specs), and the code's numerics version (``gpt.trainer.NUMERICS_VERSION``). ``trial.json`` records
-    it, and :func:`trial_status` refuses a finished trial whose identity differs."""
+    """What decides a run's numbers beyond its settings and controller spec: the data's sha256, the policy
+    file's (ppo specs), and the code's numerics version (``gpt.trainer.NUMERICS_VERSION``). ``trial.json`` and every
+    checkpoint record it, and :func:`identity_changes` is the one check against it: a finished trial
+    (:func:`trial_status`: comparisons, ``runs.eval_policy``, ``runs.suite``) or a ``--resume`` whose inputs changed
+    is refused."""
     from gpt.data import shared_data
     from gpt.trainer import NUMERICS_VERSION, resolve_device
 
     return {"data_sha256": shared_data(cfg.data, resolve_device(cfg.device)).sha256,
             "policy_sha256": policy_digest(spec), "numerics": NUMERICS_VERSION}
+
+
+def identity_changes(recorded: dict[str, Any], cfg: TrainConfig, spec: str) -> list[str]:
+    """How the inputs that ``cfg`` and ``spec`` name today differ from those ``recorded`` (what :func:`inputs_identity`
+    returned when the run started): one phrase per difference, none if they are the same. An entry ``recorded``
+    lacks (an older record) is not compared."""
+    now = inputs_identity(cfg, spec)
+    changes = []
+    if "data_sha256" in recorded and recorded["data_sha256"] != now["data_sha256"]:
+        changes.append(f"the --data text is different now (sha256 {str(recorded['data_sha256'])[:12]}... when the run "
+                       f"started, {now['data_sha256'][:12]}... now)")
+    if "policy_sha256" in recorded and recorded["policy_sha256"] != now["policy_sha256"]:
+        changes.append(f"the policy file differs ({spec_policy(spec) or 'none now'} has other bytes than when the "
+                       "run started)")
+    if "numerics" in recorded and recorded["numerics"] != now["numerics"]:
+        changes.append(f"the code's numbers changed (numerics version {recorded['numerics']} -> {now['numerics']})")
+    return changes
 
 
 def policy_digest(spec: str) -> str | None:
@@ -407,5 +430,5 @@ def load_result(trial: Trial, folder: Path, cfg: TrainConfig) -> TrialResult | N
     status = trial_status(folder, cfg, trial.spec)
     if status == "todo":
         return None
-    summary = read_json(folder / "summary.json", "trial summary") if status == "done" else None
+    summary = read_summary(folder / "summary.json", "trial summary") if status == "done" else None
     return TrialResult(trial, folder, summary, status == "diverged", read_records(folder / "metrics.jsonl"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,15 @@ def check_config(cfg: TrainConfig) -> None:
     def bad(name: str, value: Any, must: str) -> UserError:
         return UserError(f"--{name.replace('_', '-')} {value} is invalid: it must be {must}")
 
+    for f in dataclasses.fields(cfg):  # a config built in code (the env's config=, a saved file) has no parser
+        value, kinds = getattr(cfg, f.name), str(f.type).replace(" ", "").split("|")
+        ok = (value is None and "None" in kinds or isinstance(value, bool) and "bool" in kinds
+              or not isinstance(value, bool) and (isinstance(value, numbers.Integral) and "int" in kinds
+                                                  or isinstance(value, numbers.Real) and "float" in kinds
+                                                  and not (isinstance(value, int) and abs(value) > 2**1023)
+                                                  or isinstance(value, str) and "str" in kinds))
+        if not ok:
+            raise bad(f.name, repr(value)[:40], f"of type {f.type}")
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise bad(name, getattr(cfg, name), "one of " + ", ".join(choices))

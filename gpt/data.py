@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -81,9 +82,11 @@ def resolve_dataset(
         path = Path(path).expanduser()
         if path.is_file():
             return path  # the user's own text (load checks that it is text)
+        _refuse_special(path, "--data")
         return _verified(_find_in(path, source="the data path"), sha256, _fix_local_copy(url))
     env_dir = os.environ.get(DATA_ENV_VAR)
     if env_dir:
+        _refuse_special(Path(env_dir), f"${DATA_ENV_VAR}")
         return _verified(_find_in(Path(env_dir), source=f"${DATA_ENV_VAR}"), sha256, _fix_local_copy(url))
 
     cached = (cache_dir if cache_dir is not None else default_cache_dir()) / DATASET_SUBPATH
@@ -96,6 +99,22 @@ def resolve_dataset(
         )
     _download(url, cached, sha256, timeout_s)
     return cached
+
+
+def _refuse_special(path: Path, source: str) -> None:
+    """Raise ``UserError`` for a ``path`` that is there but is no regular file or folder (a FIFO, a device, a
+    socket), or a symlink that leads nowhere (broken, or a loop): "no file" would send the user looking for a typo."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(f"{source} {path} is a symlink to {os.readlink(path)}, which does not exist") from None
+        return
+    except OSError as e:  # ELOOP: a symlink loop
+        raise UserError(f"{source} {path} cannot be followed: {e.strerror or e}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise UserError(f"{source} {path} is {kind}, not a text file; save the text to a file and give that")
 
 
 def _find_in(path: Path, *, source: str) -> Path:
@@ -252,6 +271,9 @@ class CharData:
                  sha256: str | None = None):
         if len(text) < 2:
             raise UserError(f"dataset {source or '(text)'} has {len(text)} characters; it needs at least 2")
+        if len(set(text)) < 2:  # every loss would be exactly 0, and every ratio of losses 0/0
+            raise UserError(f"dataset {source or '(text)'} repeats one character ({text[0]!r}): there is nothing "
+                            "to predict; give a text of at least two distinct characters")
         self.source, self.sha256 = source, sha256
         self.n_chars = len(text)
         self.chars: list[str] = sorted(set(text))

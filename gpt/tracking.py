@@ -10,10 +10,11 @@ import json
 import netrc
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
-from dyndrop import UserError, json_safe, write_json
+from dyndrop import UserError, json_safe, read_json, write_json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,31 +58,97 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
-def read_records(path: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (none if it is missing).
+NUMERIC_PREFIXES = ("train/", "val/", "dropout/", "controller/", "perf/")
+"""Record keys whose values are numbers (or null, for a non-finite one); ``pbt/member`` is a name."""
 
-    :param drop_torn_last: drop a last line that is not a whole record (a write cut off by a crash or a full
-        disk); resuming a run does this.
-    :raises UserError: naming the file and line, for any other line that is not a JSON record with ``iter``.
+
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool) that a float can hold: JSON has integers too long for one (``1e400`` as digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def as_record(line: bytes) -> dict[str, Any] | None:
+    """The record one line of ``metrics.jsonl`` holds, or None if it holds none: not UTF-8, not JSON, not an
+    object, no whole-number ``iter`` >= 0, or a figure (:data:`NUMERIC_PREFIXES`) that is not a number or null."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+    if not isinstance(record, dict) or not (isinstance(record.get("iter"), int) and _is_number(record["iter"])
+                                            and record["iter"] >= 0):
+        return None
+    if any(k.startswith(NUMERIC_PREFIXES) and v is not None and not _is_number(v) for k, v in record.items()):
+        return None
+    return record
+
+
+def read_records(path: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if it is missing): the one reader of the file, for every command.
+
+    A line that holds no record (:func:`as_record`: a stray byte, a hand edit, a disk error) is skipped with one
+    warning on stderr naming the file and the lines; the run's figures are in ``summary.json``, so the records
+    still draw its curves.
+
+    :param drop_torn_last: drop a last line that is not a whole record silently: a write cut off by a kill or a
+        full disk, which a resumed run (this) expects.
+    :raises UserError: the file cannot be read.
     """
-    if not path.exists():
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
         return []
-    lines = path.read_text().splitlines()
-    records = []
+    except OSError as e:
+        raise UserError(f"metrics file {path} cannot be read: {e.strerror or e}") from None
+    records, bad = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "iter" not in record:
-            if drop_torn_last and n == len(lines):
-                break
-            raise UserError(f"{path} is corrupt at line {n} (not a JSON record with 'iter'); delete the run's "
-                            "folder to start again")
+        record = as_record(line)
+        if record is None:
+            if not (drop_torn_last and n == len(lines)):
+                bad.append(n)
+            continue
         records.append(record)
+    if bad:
+        print(f"warning: {path}: line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))}"
+              f"{', ...' if len(bad) > 5 else ''} hold{'' if len(bad) > 1 else 's'} no metrics record; skipped",
+              file=sys.stderr)
     return records
+
+
+SUMMARY_NUMBERS = ("best_val_loss", "best_val_iter", "test_loss", "best_val_loss_full", "final_train_loss",
+                   "final_val_loss", "total_train_time_s", "train_tokens_per_s", "inference_tokens_per_s", "iterations",
+                   "compute_iters", "concurrent_trials", "seed", "numerics", "exploits")
+"""Figures of ``summary.json`` that the tables and reports read: each a number, or null for a non-finite one."""
+SUMMARY_TEXTS = ("controller", "controller_spec", "preset", "device", "device_name")
+"""Entries of ``summary.json`` that are text (or null)."""
+
+
+def read_summary(path: Path, what: str = "summary") -> dict[str, Any]:
+    """A finished run's ``summary.json``, checked: a JSON object with ``best_val_loss``, each of
+    :data:`SUMMARY_NUMBERS` a number or null and each of :data:`SUMMARY_TEXTS` text or null. The one reader of the
+    file, for every command.
+
+    :raises UserError: one line naming the file and what is wrong with it.
+    """
+    summary = read_json(path, what)
+    fix = "delete the run's folder to run it again, or restore the file"
+    if "best_val_loss" not in summary:
+        raise UserError(f"{what} {path} is corrupt: it has no best_val_loss ({len(summary)} entries); {fix}")
+    for key in SUMMARY_NUMBERS:
+        value = summary.get(key)
+        if value is not None and not _is_number(value):
+            raise UserError(f"{what} {path} is corrupt: {key} is {str(value)[:40]!r}, not a number; {fix}")
+    for key in SUMMARY_TEXTS:
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            raise UserError(f"{what} {path} is corrupt: {key} is {str(summary[key])[:40]!r}, not text; {fix}")
+    return summary
 
 
 class RunLogger:

@@ -10,6 +10,7 @@ are written by a background thread from a host snapshot.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -151,6 +152,43 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
                      n_embd=cfg.n_embd, bias=cfg.bias, fused_attention_dropout=cfg.attention_dropout == "fused")
 
 
+def training_bytes(cfg: TrainConfig, vocab_size: int) -> int:
+    """A lower bound on the memory a run of ``cfg`` takes, in bytes: its parameters (token and position embeddings,
+    each layer's attention and MLP matrices; nanoGPT's count) held four times in float32, as weights, gradients and
+    AdamW's two moments, and the largest batch's input and output activations (an evaluation's merged batches:
+    embeddings and logits, float32). Every other activation comes on top."""
+    d = cfg.n_embd
+    params = d * (vocab_size + cfg.block_size) + cfg.n_layer * 12 * d * d
+    rows = cfg.batch_size * max(1, min(cfg.eval_merge, cfg.eval_iters)) * cfg.block_size
+    return 16 * params + 4 * rows * (d + vocab_size)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run could take on ``device`` now, in bytes (on a CPU, Linux's MemAvailable: free memory and the
+    caches it may reclaim); None where this cannot be known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, vocab_size: int) -> None:
+    """Refuse, with a ``UserError``, a model that cannot fit where it would train (:func:`training_bytes` against
+    :func:`available_bytes`): allocating it would die with a traceback, or take the machine's memory with it."""
+    device = resolve_device(cfg.device)
+    need, free = training_bytes(cfg, vocab_size), available_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"--n-layer {cfg.n_layer}, --n-embd {cfg.n_embd}, --block-size {cfg.block_size} and "
+                        f"--batch-size {cfg.batch_size} make a run that needs at least {need / 2**30:.1f} GiB to train, "
+                        f"and {device} has {free / 2**30:.1f} GiB free; make it smaller")
+
+
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """nanoGPT's AdamW: weight decay on matrices (dim >= 2) only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -176,15 +214,23 @@ def fsync_dir(folder: Path) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside ``path``, flushed to disk, then renamed: a reader (or a resume after a
-    crash or power loss) sees the old file or the new one, never half of one."""
+    crash or power loss) sees the old file or the new one, never half of one.
+
+    The bytes are made in memory first and written by Python: torch's own file writer reports a failed write (a
+    full disk) as a ``RuntimeError`` ("unexpected pos"), which hides the cause. Raises ``OSError`` naming ``path``.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -21,6 +21,7 @@ import torch
 
 from bench.speed import BenchSettings, format_table, run_benchmark
 from dyndrop import UserError, json_safe
+from dyndrop.folders import check_output_file
 from runs.cli import Parser, add_config_args, add_threads_arg, config_from_args, run_cli, set_threads
 
 
@@ -87,6 +88,8 @@ def population_main(args: argparse.Namespace) -> int:
         c.progress, c.wandb, c.checkpoint = False, "disabled", False
         cfg = config_from_args(c, c.preset)
         compare = (cfg, parse_controllers(c.controllers), parse_seeds(c.seeds, cfg.seed))
+    if args.json:
+        check_output_file(args.json, "--json")
     result = run_population_benchmark(args.population, {"episode": args.episode}, args.episodes, threads, compare,
                                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_population(result))
@@ -115,15 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         profile_iters=args.profile_iters,
         eval_merge_sweep=parse_ints(args.eval_merge_sweep, "--eval-merge-sweep"))
     set_threads(args.threads)
-    if args.json:  # fail on an unwritable path now, not after minutes of measuring
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the folder for --json {args.json}: {e}") from None
     try:
         low, high = (float(r) for r in args.rates.split(","))
     except ValueError:
         raise UserError(f"--rates must be two numbers, LOW,HIGH; got {args.rates!r}") from None
+    if args.json:  # fail on a path that cannot be written now, not after minutes of measuring
+        check_output_file(args.json, "--json")
     result = run_benchmark(cfg, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True), rates=(low, high))
     print(format_table(result))
     if args.json:

@@ -28,13 +28,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so a run stops cleanly as on Ctrl-C (exit status 143)."""
 
 
+_TERMINATED: list[bool] = []
+"""Set once SIGTERM arrived in this command: code that turns any ``KeyboardInterrupt`` into a plain one (Ray's
+``ray.wait`` and ``ray.get`` do) must not turn a SIGTERM's exit status into Ctrl-C's."""
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED.append(True)
     raise Terminated()
 
 
 def interrupt_status(e: KeyboardInterrupt) -> int:
     """The exit status of a stop: 143 for SIGTERM, 130 for Ctrl-C (128 + the signal's number)."""
-    return 143 if isinstance(e, Terminated) else 130
+    return 143 if isinstance(e, Terminated) or _TERMINATED else 130
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -44,16 +50,23 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     command stops on it as on Ctrl-C. Any other exception is a bug and keeps its traceback.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _TERMINATED.clear()
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a command that did not handle it itself
         print("\ninterrupted", file=sys.stderr)
         return interrupt_status(e)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a library's multi-line text inside an error (Ray's, a zip reader's) is joined
+    with ``; ``, so every error stays the one line the project promises."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def set_threads(threads: int | None) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from controllers import parse_controllers, spec_name, with_policy
 from dyndrop import UserError
-from dyndrop.folders import FolderLock
+from dyndrop.folders import FolderLock, holds_comparison, holds_run
 from experiments.comparison import EXECUTORS, Comparison
 from experiments.pbt import PBT, check_ray_tune, is_pbt, pbt_settings
 from experiments.tables import aggregate, log_table_to_wandb, markdown_table, write_tables
@@ -98,8 +99,22 @@ def main(argv: list[str] | None = None) -> int:
                             out=Path(args.out or f"results/{cfg.preset}"), name=args.name,
                             executor=args.executor, jobs=args.jobs, population=args.population, address=args.address,
                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, threads=args.threads, target=args.target, baseline=args.baseline, warm_up=args.warm_up)
-    with FolderLock(comparison.out, "comparison"):
+    comparison.preflight()  # every path, before anything is written
+    if holds_run(comparison.out) and not holds_comparison(comparison.out):
+        raise UserError(f"{comparison.out} holds a single run (runs.train, runs.pbt), not a comparison; choose "
+                        "another --out")
+    with ray_preflight(comparison), FolderLock(comparison.out, "comparison"):
         return run_comparison(comparison, cfg.progress)
+
+
+def ray_preflight(comparison: Comparison):
+    """With ``--executor ray``: the cluster reached and its nodes checked against the trials' resource request
+    before anything is written (:func:`experiments.ray_executor.ray_cluster`), the connection kept for the run."""
+    if comparison.executor != "ray":
+        return nullcontext()
+    from experiments.ray_executor import ray_cluster
+
+    return ray_cluster(comparison.address, comparison.cpus_per_trial, comparison.gpus_per_trial)
 
 
 def run_comparison(comparison: Comparison, progress: bool) -> int:

@@ -20,10 +20,11 @@ from typing import Any
 
 from controllers import make_controller, parse_controllers, spec_name, spec_policy, with_policy
 from controllers.policy_file import read_metadata
+from controllers.specs import canonical_spec
 from dyndrop import UserError
 from dyndrop.folders import FolderLock
 from gpt.config import MAX_SEED
-from runs.cli import Parser, add_policy_arg, run_cli
+from runs.cli import Parser, add_policy_arg, interrupt_status, run_cli
 
 BASELINES = ("constant@0,0.1,0.2,0.3", "linear", "exponential", "val_loss")
 
@@ -77,7 +78,7 @@ def check_args(args: argparse.Namespace) -> str:
     bad_seeds = [s for s in args.seeds or [] if not 0 <= s <= MAX_SEED]
     if bad_seeds:
         raise UserError(f"--seeds {bad_seeds[0]} is invalid: seeds must be in [0, {MAX_SEED}]")
-    spec = with_policy(args.controller, args.policy)
+    spec = canonical_spec(with_policy(args.controller, args.policy))  # as the baselines' specs: one row each
     if args.policy is not None and spec_name(spec) != "ppo":
         raise UserError(f"--policy is for a ppo controller, and --controller is {args.controller!r}")
     return spec
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.preset} preset, {max_iters} steps, control every {interval}, overrides {episode['config']}, "
           f"seeds {seeds}, out {out}")
     with FolderLock(out, "comparison"):
-        comparison.run()
+        try:
+            comparison.run()
+        except KeyboardInterrupt as e:
+            print("\ninterrupted; rerun the same command to continue (finished episodes are kept)", file=sys.stderr)
+            return interrupt_status(e)
         table = aggregate(comparison)
         write_tables(table, out)
     print(markdown_table(table))

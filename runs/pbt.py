@@ -15,11 +15,11 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 
 from dyndrop import UserError
-from dyndrop.folders import FolderLock, holds_run
+from dyndrop.folders import FolderLock, check_output_path, holds_comparison, holds_run
 from experiments.pbt import PBTSettings, check_ray_tune, pbt_settings, run_pbt_trial
+from experiments.ray_executor import check_request, ray_cluster
 from experiments.trials import TrialJob, check_inputs
 from runs.cli import Parser, add_config_args, config_from_args, interrupt_status, run_cli
 
@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    if args.cpus_per_member <= 0:
-        raise UserError(f"--cpus-per-member must be > 0, got {args.cpus_per_member}")
-    if args.gpus_per_member is not None and args.gpus_per_member < 0:
-        raise UserError(f"--gpus-per-member must be >= 0, got {args.gpus_per_member}")
+    options = ("--cpus-per-member", "--gpus-per-member")
+    gpus = args.gpus_per_member if args.gpus_per_member is not None else 0.0  # None: 1/--jobs of a GPU on CUDA
+    check_request(args.cpus_per_member, gpus, options)
     spec = (f"pbt:population={args.population},max_rate={args.max_rate},quantile={args.quantile},"
             f"resample={args.resample}" + (",per_layer=1" if args.per_layer else ""))
     try:
@@ -67,15 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--{key.replace('_', '-')} {rest}") from None
     check_ray_tune()
     cfg = config_from_args(args, args.preset)
-    out = Path(cfg.out or f"out/{cfg.preset}-pbt-s{cfg.seed}")
+    out = check_output_path(cfg.out or f"out/{cfg.preset}-pbt-s{cfg.seed}")
     cfg = dataclasses.replace(cfg, out=str(out))
+    if holds_comparison(out):
+        raise UserError(f"{out} holds a comparison (comparison.json and trials/), not a run; choose another --out")
     check_inputs(cfg, [])
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     job = TrialJob(cfg=cfg, spec=spec, name=out.name, group=cfg.wandb_group or cfg.preset, comparison="",
                    concurrent=args.jobs, threads=threads)
     from tqdm.auto import tqdm
 
-    with FolderLock(out, "run"):
+    # the cluster reached and the members' request checked before anything is written (a local instance: this
+    # machine's CPUs and GPUs)
+    with ray_cluster(args.address, args.cpus_per_member if args.address else 1.0, gpus, options), FolderLock(out, "run"):
         if holds_run(out) and not args.overwrite:
             raise UserError(f"{out} already holds a run; pass --overwrite to replace it, or --out to choose another")
         print(f"PBT of the dropout rate: {args.population} members, {cfg.preset} preset, {cfg.max_iters} iterations "

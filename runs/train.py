@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from controllers import spec_name, with_policy
+from controllers.specs import canonical_spec
 from dyndrop import UserError
-from dyndrop.folders import FolderLock, clear_run_folder, holds_run
-from experiments.trials import check_inputs, make_trainer, run_name, train_and_save
+from dyndrop.folders import FolderLock, check_output_path, clear_run_folder, holds_comparison, holds_run
+from experiments.trials import check_inputs, identity_changes, make_trainer, run_name, train_and_save
 from gpt import Diverged, load_checkpoint
 from gpt.config import TrainConfig
 from runs.cli import (Parser, add_config_args, add_policy_arg, add_threads_arg, config_from_args, given_settings,
@@ -67,7 +68,7 @@ def resumed_settings(ckpt: dict[str, Any], path: Path, args: argparse.Namespace,
         given["preset"] = args.preset
     differ = [f"--{k.replace('_', '-')} {v} (the checkpoint has {saved.get(k)})" for k, v in given.items()
               if k not in CHANGEABLE_ON_RESUME and v != saved.get(k)]
-    if spec is not None and spec != saved_spec:
+    if spec is not None and canonical_spec(spec) != canonical_spec(saved_spec):
         differ.append(f"--controller {spec} (the checkpoint has {saved_spec})")
     if differ:
         raise UserError(f"--resume continues the checkpoint's run, but these settings differ from it: "
@@ -83,6 +84,17 @@ def resumed_settings(ckpt: dict[str, Any], path: Path, args: argparse.Namespace,
         raise UserError(f"checkpoint {path} has a malformed config ({e}); start a new run") from None
 
 
+def recorded_inputs(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The inputs a checkpoint's run started from (:func:`experiments.trials.inputs_identity`): its data's sha256,
+    and the policy digest and numerics version where the checkpoint records them (older ones do not)."""
+    meta = ckpt["meta"]
+    recorded = {k: meta[k] for k in ("policy_sha256", "numerics") if k in meta}
+    data = ckpt.get("data")
+    if isinstance(data, dict) and data.get("sha256"):
+        recorded["data_sha256"] = data["sha256"]
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -91,18 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     given_spec = with_policy(args.controller or "ppo", args.policy) if (args.controller or args.policy) else None
     spec = given_spec or DEFAULT_CONTROLLER
     cfg = config_from_args(args, args.preset)  # every setting checked: nothing is written before this
-    out = Path(cfg.out or f"out/{run_name(cfg, spec)}")
+    out = check_output_path(cfg.out or f"out/{run_name(cfg, spec)}")
     cfg = dataclasses.replace(cfg, out=str(out))
-    data = check_inputs(cfg, [spec])
+    if holds_comparison(out):
+        raise UserError(f"{out} holds a comparison (comparison.json and trials/: what runs.compare writes), not a "
+                        "run; runs.train never writes into one: choose another --out")
     last = out / "ckpt_last.pt"
+    if not args.resume:  # a resumed run's inputs are the checkpoint's: checked once it is read, below
+        check_inputs(cfg, [spec])
     with FolderLock(out, "run"):  # before reading a checkpoint another process may be writing
         ckpt = None
         if args.resume and last.is_file():
             ckpt = load_checkpoint(last)
             cfg, spec = resumed_settings(ckpt, last, args, given_spec)
-            print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
         elif args.resume:
             print(f"{out} has no checkpoint yet: starting the run from the beginning", file=sys.stderr)
+        data = check_inputs(cfg, [spec])  # the data and policy the run uses: the checkpoint's on --resume
+        if ckpt is not None:
+            changes = identity_changes(recorded_inputs(ckpt), cfg, spec)
+            if changes:
+                raise UserError(f"--resume continues the run in {out}, but its inputs changed: {'; '.join(changes)}; "
+                                "restore them, or start a new run in another --out")
+            print(f"resuming {out} at iteration {ckpt['iteration']}/{cfg.max_iters} with the checkpoint's settings")
         if ckpt is None:
             if holds_run(out) and not (args.overwrite or args.resume):
                 raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dyndrop import UserError
+from dyndrop.folders import FolderLock
 from gpt.config import option
 from envs.policy_training import VEC_KINDS
 from runs.cli import Parser, add_dataclass_args, run_cli
@@ -118,6 +119,13 @@ def check_args(args: Args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with FolderLock(args.out, "policy"):  # one writer: a second train_policy on --out is refused, not interleaved
+        return train(args)
+
+
+def train(args: Args) -> int:
+    """PPO on the env into ``args.out``, which the caller holds; the env's options are checked before any work (a
+    bad one leaves no folder: the lock removes the one it made)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, Logger
 
@@ -133,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     template = DropoutEnv(**env_kwargs)  # validates the options before any work
     env_meta = template.metadata_dict()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     venv = make_vec_env(args.n_envs, env_kwargs, args.seed, kind=args.vec, threads=args.threads or None)
 
     formats: list[Any] = [CSVOutputFormat(str(out / "progress.csv"))]
