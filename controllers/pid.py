@@ -14,7 +14,7 @@ SIGNALS = ("transfer", "gap_slope", "gap", "rel_gap", "above_best", "val_slope")
 LEGACY = {"setpoint": 0.8, "kp": 0.2, "ki": 1.0, "kd": 0.0, "window": 5, "start": 0.1}
 """The defaults of the signals measured against the fraction of the run (the first PID, tuned on cpu-overfit)."""
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "transfer": {"setpoint": 0.8, "kp": 0.3, "ki": 1.0, "kd": 0.0, "window": 0, "start": 0.0},
+    "transfer": {"setpoint": 0.8, "kp": 0.3, "ki": 3.0, "kd": 0.0, "window": 0, "start": 0.0},
     **{name: LEGACY for name in SIGNALS if name != "transfer"},
 }
 """Each signal's defaults for the parameters a spec leaves out (``pid:signal=gap_slope`` is the first PID)."""
@@ -34,8 +34,8 @@ class PIDController(Controller):
     ``dt`` is the fall of ``log train`` since the previous evaluation (0 if it rose). Neither depends on the run's
     length, the evaluation interval, the data's size or the model's: a run twice as long, evaluated half as often,
     or a larger model, reaches the same measurement at the same training loss. Defaults: ``setpoint=0.8`` (the rate
-    rises once more than 80 % of the training loss's improvement stops reaching val), ``kp=0.3``, ``ki=1`` (an
-    error of 1 held while the training loss falls by a factor e adds 1 to the rate), nothing held back at the start
+    rises once more than 80 % of the training loss's improvement stops reaching val), ``kp=0.3``, ``ki=3`` (an
+    error of 1 held while the training loss falls by a factor e adds 3 to the rate), nothing held back at the start
     (the first fitting transfers, so the measurement is low there). Tuned on the suite's tune regimes only
     (``experiments.suite``, docs/results.md).
 

@@ -1,0 +1,55 @@
+"""How much dropout matters over the ``micro`` family: the constants 0–0.4 on held-out micro-regimes.
+
+``python -m envs.family_gain --regimes 8 --seeds 2 --out docs/data/micro_family.json``
+
+For each regime, the constant with the lowest mean val loss (over its seeds) is what a sweep would choose; its
+*gain* is rate 0's mean test loss minus that constant's. A family a policy can learn from needs a positive mean
+gain (dropout helps on average) and some regimes where 0 is best (so that "always the same rate" loses somewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--regimes", type=int, default=8, help="how many of the held-out micro-regimes (first N)")
+    p.add_argument("--seeds", type=int, default=2, help="training seeds per regime")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    import torch
+
+    from envs.micro import EVAL_REGIMES, micro_regime
+    from envs.policy_training import CURVE_CONSTANTS, score_controllers
+
+    torch.set_num_threads(1)
+    start = time.time()
+    regimes = list(EVAL_REGIMES[:args.regimes])
+    res = score_controllers(list(CURVE_CONSTANTS), regimes, args.seeds, {"episode": "micro"})
+    rows = []
+    for regime, by in res.items():
+        val = {s: float(np.mean([x["best_val_loss_full"] for x in v])) for s, v in by.items()}
+        test = {s: float(np.mean([x["test_loss"] for x in v])) for s, v in by.items()}
+        best = min(val, key=val.get)
+        rows.append({"regime": regime, "settings": micro_regime(regime), "best_by_val": best,
+                     "gain": test[CURVE_CONSTANTS[0]] - test[best], "test_loss": test, "val_loss": val})
+        print(f"{regime}: best {best}, gain {rows[-1]['gain']:+.4f}", flush=True)
+    gains = [r["gain"] for r in rows]
+    summary = {"command": "python -m envs.family_gain " + " ".join(sys.argv[1:] if argv is None else argv), "seconds": time.time() - start,
+               "mean_gain": float(np.mean(gains)), "regimes_where_dropout_helps": sum(g > 0 for g in gains),
+               "regimes": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1))
+    print(f"mean gain {summary['mean_gain']:+.4f}; dropout chosen on {summary['regimes_where_dropout_helps']} of "
+          f"{len(rows)} regimes; {summary['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
