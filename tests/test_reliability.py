@@ -5,7 +5,6 @@ Every bad input is one line (`error: ...`), exit status 2, and no files; nothing
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import pickle
 import signal
@@ -18,27 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hostile import call, one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--gen-tokens", "8",
         "--no-progress", "--wandb", "disabled"]
-
-
-def call(command: str, args: list[str], capsys) -> tuple[int, str]:
-    """Run ``python -m runs.<command> ARGS`` in this process: its exit status and its stderr."""
-    module = importlib.import_module(f"runs.{command}")
-    try:
-        code = module.cli(args)
-    except SystemExit as e:  # argparse's own exits
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for w in words:
-        assert w in lines[0], (w, err)
 
 
 def spawn(module: str, *args: str) -> subprocess.Popen:
