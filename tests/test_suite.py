@@ -110,3 +110,18 @@ def test_the_best_constant_is_chosen_by_val_never_by_test():
     assert row["regret_mean"] == pytest.approx(-0.1)  # 2.1 - 2.2 and 2.2 - 2.3
     assert row["vs"]["oracle"]["delta"] == pytest.approx(0.15) and row["vs"]["constant 0"]["delta"] == pytest.approx(0.15)
     assert result["per_regime"]["r"]["best_constant"] == "constant:rate=0.2"
+
+
+def test_every_stored_reference_is_one_that_todays_code_and_data_reproduce():
+    """The stored sweeps are what every regret is measured against: each is a regime's, holds the whole grid on
+    at least 3 seeds, and its digest (settings, data, numerics version, torch, threads) is today's, so a change to
+    any of them fails here rather than in a user's run. (A regime without a sweep is refused by runs.suite with the
+    command that builds it: tested above.)"""
+    stored = sorted(suite.REFERENCES.glob("*.json"))
+    assert len(stored) >= 2
+    for path in stored:
+        regime = REGIMES[path.stem]
+        ref = Reference.load(regime)
+        ref.check(regime, threads=suite.THREADS)
+        assert len(ref.seeds) >= 3 and ref.regime == regime.name, regime.name
+        assert {f"constant:rate={r:g}" for r in suite.GRID} <= set(ref.runs), regime.name
