@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,12 +161,14 @@ def ray_cluster(address: str | None, cpus: float, gpus: float,
         yield
 
 
-def run_remote_trial(job: TrialJob, dataset: bytes | None) -> dict[str, Any]:
+def run_remote_trial(job: TrialJob, dataset: bytes | None, scratch: str | None = None) -> dict[str, Any]:
     """Run one trial into a temporary folder on this node; its files (relative to the comparison's folder)
-    as bytes, its summary, and the node it ran on."""
+    as bytes, its summary, and the node it ran on. The folder lies inside the driver's ``scratch`` folder where this
+    node has it (the driver's own machine), so the driver removes it even when this worker is killed."""
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="dyndrop-trial-") as tmp:
+    base = scratch if scratch and os.path.isdir(scratch) else None
+    with tempfile.TemporaryDirectory(prefix="dyndrop-trial-", dir=base) as tmp:
         root = Path(tmp)
         if dataset is not None:
             data_dir = root / ".data"
@@ -203,10 +206,11 @@ def run_on_ray(jobs: list[tuple[Trial, TrialJob]], out: Path, address: str | Non
     from gpt.data import resolve_dataset
 
     dataset = None if data_path else resolve_dataset(None).read_bytes()
+    scratch = tempfile.mkdtemp(prefix="dyndrop-ray-")  # the trials' temp folders on this machine, removed below
     with ray_session(address) as ray:
         task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=MAX_RETRIES)(run_remote_trial)
         data_ref = ray.put(dataset)
-        refs = {task.remote(job, data_ref): trial for trial, job in jobs}
+        refs = {task.remote(job, data_ref, scratch): trial for trial, job in jobs}
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
@@ -223,6 +227,8 @@ def run_on_ray(jobs: list[tuple[Trial, TrialJob]], out: Path, address: str | Non
         except BaseException:
             cancel(ray, list(refs))
             raise
+        finally:  # a worker killed after the grace period cannot remove its trial's folder: the driver does
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def cancel(ray: Any, refs: list[Any]) -> None:

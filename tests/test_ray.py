@@ -219,7 +219,7 @@ def test_sigterm_under_ray_exits_143_with_the_hint_and_leaves_no_temp_folder(tmp
     tmp = Path(tempfile.mkdtemp(prefix="dd", dir="/tmp"))  # short: Ray's sockets live under it
     args = {"compare": ["--controllers", "constant@0.1,0.2", "--seeds", "1,", "--executor", "ray"],
             "pbt": ["--population", "2", "--jobs", "2"]}[command]
-    started = {"compare": "dyndrop-trial-*", "pbt": "dyndrop-pbt-*/pbt/*/checkpoint_*"}[command]
+    started = {"compare": "dyndrop-ray-*/dyndrop-trial-*", "pbt": "dyndrop-pbt-*/pbt/*/checkpoint_*"}[command]
     proc = subprocess.Popen([sys.executable, "-m", f"runs.{command}", *options(command), "--max-iters", "100000", *args,
                              "--out", str(tmp_path / "out")], env={**os.environ, "TMPDIR": str(tmp)},
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
