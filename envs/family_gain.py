@@ -23,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="training seeds per regime")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = p.parse_args(argv)
+    from envs.micro import EVAL_REGIMES
+
+    if not 1 <= args.regimes <= len(EVAL_REGIMES) or args.seeds < 1 or args.out.is_dir():
+        p.exit(2, f"error: --regimes must be 1..{len(EVAL_REGIMES)}, --seeds at least 1, --out a file path "
+                  f"(got {args.regimes}, {args.seeds}, {args.out})\n")
     import torch
 
-    from envs.micro import EVAL_REGIMES, micro_regime
+    from envs.micro import micro_regime
     from envs.policy_training import CURVE_CONSTANTS, score_controllers
 
     torch.set_num_threads(1)
