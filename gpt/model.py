@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y), p)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # torch.compiler.disable, but importing dynamo (~1.5 s) only when first called
 def fused_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  dropout: RateDropout) -> torch.Tensor:
     """Causal attention with the fused kernel's own dropout at ``dropout.rate``.
