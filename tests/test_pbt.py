@@ -95,7 +95,7 @@ def test_per_layer_pbt_mutates_each_layer_on_its_own(tmp_path):
     from runs.pbt import cli
 
     out = tmp_path / "pbt"
-    assert cli(["--preset", "tiny", "--n-layer", "4", "--max-iters", "100", "--eval-interval", "5", "--eval-iters", "2",
+    assert cli(["--preset", "tiny", "--n-layer", "4", "--max-iters", "60", "--eval-interval", "5", "--eval-iters", "2",
                 "--gen-tokens", "0", "--threads", "1", "--no-progress", "--wandb", "disabled", "--population", "2",
                 "--quantile", "0.5", "--resample", "0", "--max-rate", "0.9", "--per-layer", "--jobs", "2",
                 "--out", str(out)]) == 0
@@ -109,11 +109,11 @@ def test_per_layer_pbt_mutates_each_layer_on_its_own(tmp_path):
                 for b, a in zip(layers(before), layers(after)):
                     assert any(math.isclose(a, min(b * f, 0.9)) for f in (1.2, 0.8)), (before, after)
                 split += len(set(layers(after))) > 1
-    # the worse of 2 members copies the other at most of the 19 interval ends (8-9 copies in each lineage in a
-    # run here; which ones depends on timing, so no seed pins them). A copy made while the 4 layers are at one
-    # rate leaves them at one rate only if all 4 moved the same way (p = 1/8): no split in 8 copies has a
-    # probability of 6e-8, and means the layers move as one.
-    assert exploits >= 8 and split >= 1, (exploits, split)
+    # the worse of 2 members copies the other at most of the 11 interval ends (about 5 copies in each lineage;
+    # which ones depends on timing, so no seed pins them). A copy made while the 4 layers are at one rate leaves
+    # them at one rate only if all 4 moved the same way (p = 1/8): no split in 5 copies has a probability of
+    # 3e-5, and means the layers move as one.
+    assert exploits >= 5 and split >= 1, (exploits, split)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "dropout/rate" in r][-1]
     assert json.loads((out / "summary.json").read_text())["final_rates"] == pytest.approx(layers(last))
