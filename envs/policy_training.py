@@ -157,6 +157,47 @@ CURVE_CONSTANTS = ("constant:rate=0", "constant:rate=0.1", "constant:rate=0.2", 
 """The constants a micro-regime's regret is measured against (the best by val on each regime)."""
 
 
+def constants_digest(instances: list[int], seeds_per_instance: int, env_kwargs: dict[str, Any]) -> str:
+    """sha256 of what decides :data:`CURVE_CONSTANTS`' figures on ``instances``: every run's settings (seed
+    included), the data's sha256, the numerics version, torch's version and its thread count."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import torch
+
+    from gpt.config import canonical_settings
+    from gpt.trainer import NUMERICS_VERSION
+
+    env = DropoutEnv(**{**env_kwargs, "torch_threads": None})
+    runs = [canonical_settings(dataclasses.asdict(env.config_for(i, i + 100_000 * k)))
+            for i in instances for k in range(seeds_per_instance)]
+    parts = {"runs": runs, "specs": CURVE_CONSTANTS, "data_sha256": env.data.sha256, "numerics": NUMERICS_VERSION,
+             "torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def score_constants(instances: list[int], seeds_per_instance: int, env_kwargs: dict[str, Any],
+                    cache_dir: Path | None = None) -> dict[int, dict[str, list[dict[str, float]]]]:
+    """:func:`score_controllers` for :data:`CURVE_CONSTANTS`, kept in ``cache_dir`` (default: the user cache,
+    ``curve-references/<digest>.json``) under :func:`constants_digest`: the constants do not depend on the policy,
+    and on the default curve (16 micro-regimes x 2 seeds) they cost 160 episodes, more than the demo budget's
+    policy points. Another setting, data, numerics version, torch or thread count is another file."""
+    from dyndrop import read_json, write_json
+    from gpt.data import default_cache_dir
+
+    path = (cache_dir or default_cache_dir() / "curve-references") / (
+        constants_digest(instances, seeds_per_instance, env_kwargs) + ".json")
+    if path.exists():  # JSON holds a diverged run's nan as null, and instances as strings
+        return {int(i): {spec: [{k: math.nan if v is None else v for k, v in run.items()} for run in runs]
+                         for spec, runs in by_spec.items()}
+                for i, by_spec in read_json(path, "learning-curve reference")["figures"].items()}
+    figures = score_controllers(list(CURVE_CONSTANTS), instances, seeds_per_instance, env_kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"instances": instances, "seeds_per_instance": seeds_per_instance, "figures": figures})
+    return figures
+
+
 def regrets(policy: dict[int, dict[str, list[dict[str, float]]]], reference: dict[int, dict[str, list[dict[str, float]]]],
             spec: str) -> dict[str, float]:
     """Per (regime, seed): the policy's test loss minus that of the regime's best constant, chosen by its mean val
@@ -177,20 +218,20 @@ class LearningCurveCallback(BaseCallback):
     held-out instances (``regimes``: micro-regimes for the ``micro`` family; ``seeds`` training seeds each,
     :func:`score_controllers`); its
     regret is its test loss minus the best constant's (:data:`CURVE_CONSTANTS`, chosen by val). The constants run
-    once, at the start. Points go to the sb3 logger (``curve/regret``, hence wandb and progress.csv) and to
+    once, at the start, or are read from the cache where the same runs were scored before (:func:`score_constants`). Points go to the sb3 logger (``curve/regret``, hence wandb and progress.csv) and to
     ``<folder>/learning_curve.json``, with each point's per-(regime, seed) regrets so that the last point can be
     paired against the first (the untrained policy).
     """
 
     def __init__(self, every: int, folder: str | Path, env_meta: dict[str, Any], regimes: list[int], seeds: int,
-                 env_kwargs: dict[str, Any]) -> None:
+                 env_kwargs: dict[str, Any], cache_dir: Path | None = None) -> None:
         super().__init__()
-        self.every, self.folder, self.env_meta = every, Path(folder), env_meta
+        self.every, self.folder, self.env_meta, self.cache_dir = every, Path(folder), env_meta, cache_dir
         self.regimes, self.seeds, self.env_kwargs = regimes, seeds, env_kwargs
         self.rollouts, self.points, self.reference = 0, [], {}
 
     def _on_training_start(self) -> None:
-        self.reference = score_controllers(list(CURVE_CONSTANTS), self.regimes, self.seeds, self.env_kwargs)
+        self.reference = score_constants(self.regimes, self.seeds, self.env_kwargs, self.cache_dir)
         self.evaluate()
 
     def _on_rollout_end(self) -> None:

@@ -1,7 +1,7 @@
 """Train a PPO policy that sets the dropout rate, on micro-regime ``DynamicDropout-v0`` episodes.
 
-    python -m runs.train_policy                                   # the demo budget (about 10 minutes on 2 cores)
-    python -m runs.train_policy --budget full --out policies/ppo-full   # the full budget (about 30 minutes)
+    python -m runs.train_policy                                   # the demo budget (2,560 env steps)
+    python -m runs.train_policy --budget full --out policies/ppo-full   # the full budget (10,240 env steps)
     python -m runs.suite --controllers ppo:policy=policies/ppo/policy.safetensors pid --regimes test
     python -m runs.train --controller ppo --policy policies/ppo/policy.safetensors --preset cpu
 
@@ -33,8 +33,8 @@ from runs.cli import Parser, add_dataclass_args, run_cli
 @dataclass
 class Args:
     out: str = option("policies/ppo", "folder for the policy, its checkpoints and logs")
-    budget: str = option("demo", "demo (2,560 env steps: learning shows in about 10 minutes on 2 cores) or full "
-                                 "(10,240 env steps, about 30 minutes); --total-timesteps overrides it")
+    budget: str = option("demo", "demo (2,560 env steps: where learning first shows) or full (10,240 env steps); "
+                                 "their measured times are in docs/results.md; --total-timesteps overrides it")
     total_timesteps: int = option(0, "env steps (control intervals) to train for; 0 = the budget's")
     n_envs: int = option(16, "parallel episodes per rollout")
     vec: str = option("population", "population (the episodes trained as one batched model), dummy (single envs in "

@@ -50,6 +50,31 @@ def test_regret_is_against_the_constant_val_chooses():
     assert regrets(policy, reference, "ppo") == {"7/0": pytest.approx(-0.05)}  # 2.15 - 2.2, not 2.15 - 2.0
 
 
+def test_the_curves_constants_are_scored_once_per_set_of_runs(chardata, tmp_path, monkeypatch):
+    """The constants of the learning curve do not depend on the policy: a second curve over the same runs reads
+    them from the cache (a diverged run's nan included); other runs (here another seed count) are scored again."""
+    import math
+
+    import envs.policy_training as pt
+
+    calls = []
+
+    def fake_score(specs, instances, seeds, env_kwargs):
+        calls.append((tuple(instances), seeds))
+        return {i: {s: [{"test_loss": float("nan") if s.endswith("=0") else 2.0 + k, "best_val_loss_full": 2.1,
+                         "best_val_loss": 2.1} for k in range(seeds)] for s in specs} for i in instances}
+
+    monkeypatch.setattr(pt, "score_controllers", fake_score)
+    kwargs = {"episode": "micro", "max_iters": 40, "interval": 10}
+    first = pt.score_constants([9000, 9001], 1, kwargs, tmp_path)
+    again = pt.score_constants([9000, 9001], 1, kwargs, tmp_path)
+    assert calls == [((9000, 9001), 1)] and len(list(tmp_path.glob("*.json"))) == 1
+    assert list(again) == [9000, 9001] and math.isnan(again[9000]["constant:rate=0"][0]["test_loss"])
+    assert again[9001]["constant:rate=0.2"] == first[9001]["constant:rate=0.2"]
+    pt.score_constants([9000, 9001], 2, kwargs, tmp_path)
+    assert calls[-1] == ((9000, 9001), 2) and len(list(tmp_path.glob("*.json"))) == 2
+
+
 def test_saves_policy_metadata_and_checkpoints(policy):
     meta = json.loads(policy.with_suffix(".json").read_text())
     assert meta["feature_version"] == FEATURE_VERSION
