@@ -27,6 +27,16 @@ PARENT_POLL_S = 2.0
 """How often a worker process checks that the comparison that started it is still alive (seconds)."""
 
 
+def stop_workers(pool: Any) -> None:
+    """Terminate the worker processes of a ``ProcessPoolExecutor`` (their running trials are redone by the next
+    run, as after any interruption). Ctrl-C reaches the workers anyway (one process group), SIGTERM only the
+    comparison's process: without this, leaving the pool waited for the running trials and then ran every queued
+    one. The pool has no public accessor for its processes; ``_processes`` has held them since Python 3.2."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+
+
 def exit_with_parent(parent: int) -> None:
     """Make this worker process exit once ``parent`` (the comparison's process) is gone.
 
@@ -130,19 +140,23 @@ class LocalExecutor(Executor):
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
-        with ProcessPoolExecutor(max_workers=self.comparison.jobs, mp_context=ctx, initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        pool = ProcessPoolExecutor(max_workers=self.comparison.jobs, mp_context=ctx, initializer=exit_with_parent,
+                                   initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(run_trial, job): trial for trial, job in jobs}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
                         raise fut.exception()
                     if on_done:
                         on_done(futures[fut], fut.result())
+        except BaseException:  # a failed trial, Ctrl-C or SIGTERM: stop now, not after every queued trial has run
+            stop_workers(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @register_executor

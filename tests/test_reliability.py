@@ -255,6 +255,27 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["iterations"] == done + 10
 
 
+def test_sigterm_stops_a_comparison_with_workers_now_and_the_rerun_finishes_it(tmp_path):
+    """SIGTERM reaches the comparison's process only, not its workers: leaving the process pool waited for the
+    running trials and then ran every queued one before exiting 143 (all 6 finished here)."""
+    out = tmp_path / "cmp"
+    args = [*TINY, "--max-iters", "150", "--eval-interval", "50", "--gen-tokens", "0", "--controllers",
+            "constant:rate=0", "constant:rate=0.1", "--seeds", "1,2,3", "--jobs", "2", "--out", str(out)]
+    proc = spawn("compare", *args)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("trials/*/summary.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "rerun the same command" in err and "Traceback" not in err, err
+    assert len(list(out.glob("trials/*/summary.json"))) < 6  # the queued trials did not run
+    res = subprocess.run([sys.executable, "-m", "runs.compare", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert len(list(out.glob("trials/*/summary.json"))) == 6
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
     from gpt import Trainer
 
