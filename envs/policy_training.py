@@ -218,8 +218,8 @@ class LearningCurveCallback(BaseCallback):
     held-out instances (``regimes``: micro-regimes for the ``micro`` family; ``seeds`` training seeds each,
     :func:`score_controllers`); its
     regret is its test loss minus the best constant's (:data:`CURVE_CONSTANTS`, chosen by val). The constants run
-    once, at the start, or are read from the cache where the same runs were scored before (:func:`score_constants`). Points go to the sb3 logger (``curve/regret``, hence wandb and progress.csv) and to
-    ``<folder>/learning_curve.json``, with each point's per-(regime, seed) regrets so that the last point can be
+    once, at the start, or are read from the cache where the same runs were scored before (:func:`score_constants`).
+    Points go to the sb3 logger (``curve/regret``, hence wandb and progress.csv) and to ``<folder>/learning_curve.json``, with each point's per-(regime, seed) regrets so that the last point can be
     paired against the first (the untrained policy).
     """
 
