@@ -302,6 +302,42 @@ def score(specs: list[str], regimes: list[Regime], references: dict[str, Referen
                       "written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
 
 
+def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS) -> dict[str, Any]:
+    """Score the union of several ``suite.json`` results (``{name: result}``: one suite run piecewise, on other
+    machines or sessions) as one suite, against today's references.
+
+    Each part's per-seed test losses are taken as stored. A part whose per-regime constants differ from today's
+    reference (it was scored against a sweep since rebuilt), or a (regime, controller, seed) whose test loss differs
+    between parts, is refused in one line: their union would not be one suite."""
+    runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    specs: list[str] = []
+    for name, part in parts.items():
+        try:
+            per_regime = {r: (g["constants"], g["controllers"]) for r, g in part["per_regime"].items()}
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{name} is not a suite.json (no per-regime results)") from None
+        for regime, (constants, controllers) in per_regime.items():
+            if regime not in REGIMES:
+                raise UserError(f"{name}: regime {regime!r} is not in this suite ({', '.join(REGIMES)})")
+            ref = Reference.load(REGIMES[regime])
+            ref.check(REGIMES[regime], threads)
+            if constants != {s: mean_of(r, "test_loss") for s, r in ref.runs.items()}:
+                raise UserError(f"{name} was scored against another reference sweep of {regime} than today's; "
+                                "rerun its controllers with runs.suite instead of merging it")
+            for spec, figures in controllers.items():
+                specs += [] if spec in specs else [spec]
+                for seed, loss in figures["test_loss"].items():
+                    have = runs.setdefault(regime, {}).setdefault(spec, {}).setdefault(int(seed), {"test_loss": loss})
+                    if have["test_loss"] != loss:
+                        raise UserError(f"{spec} on {regime}, seed {seed}: test loss {have['test_loss']} in one part, "
+                                        f"{loss} in {name}; these are not parts of one suite")
+    regimes = [r for r in REGIMES.values() if r.name in runs]
+    if not regimes:
+        raise UserError("nothing to merge: the files hold no regime")
+    result = score(specs, regimes, {r.name: Reference.load(r) for r in regimes}, runs)
+    return {**result, "merged_from": list(parts)}
+
+
 def controller_summary(spec: str, pairs: dict[tuple[str, int], dict[str, float]]) -> dict[str, Any]:
     """One controller over the regimes × seeds: mean regret with its t-interval, and paired differences."""
     keys = sorted(pairs)

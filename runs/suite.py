@@ -3,12 +3,14 @@
     python -m runs.suite --controllers pid constant:rate=0.2 --regimes test --out out/suite
     python -m runs.suite --controllers pid pbt:population=4 curriculum val_loss --regimes test --jobs 2
     python -m runs.suite --build-references --regimes all --jobs 2      # the constant sweeps, stored in the repo
+    python -m runs.suite --merge a/suite.json b/suite.json --out both   # parts of one suite, scored as one
 
 Each regime (``experiments.suite.REGIMES``: tune regimes to tune on, test regimes held out) is a comparison folder
 ``--out``/<regime>/; only the controllers asked for are trained, against the regime's stored reference sweep of
 constant rates. Writes ``--out``/suite.json and suite.md (regret with its 95 % interval, Δ against constant 0.2,
 constant 0 and the oracle, per-regime figures); ``python -m runs.report DIR`` draws regret per regime. Rerunning
-the same command skips finished trials.
+the same command skips finished trials. ``--merge`` scores the union of suite.json files (one suite run in parts,
+say on two machines) as one table, refusing parts scored against another reference sweep than today's.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="out/suite", help="the suite's folder: one comparison folder per regime")
     p.add_argument("--build-references", action="store_true",
                    help="run the constant-rate reference sweeps of --regimes and store them in experiments/references/")
+    p.add_argument("--merge", nargs="+", default=None, metavar="SUITE_JSON",
+                   help="score the union of these suite.json files as one suite (their regimes and controllers) "
+                        "and write it to --out; trains nothing")
     return p.parse_args(argv)
 
 
@@ -66,6 +71,10 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[int] | None]:
     if not regimes:
         raise UserError(f"--regimes {args.regimes} selects no regime on this machine")
     seeds = parse_seeds(args.seeds)
+    if args.merge:
+        if args.controllers or args.build_references:
+            raise UserError("--merge scores stored results; leave --controllers and --build-references out")
+        return regimes, [], seeds
     if args.build_references:
         if args.controllers:
             raise UserError("--build-references runs the constant grid; leave --controllers out")
@@ -87,9 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     regimes, specs, seeds = check(args)
     from tqdm.auto import tqdm
 
-    from experiments.suite import SEEDS, build_command, build_reference, markdown, run_suite
+    from experiments.suite import SEEDS, build_command, build_reference, markdown, merge, run_suite
 
     out = Path(args.out)
+    if args.merge:
+        from dyndrop import read_json, write_json
+
+        result = merge({f: read_json(Path(f), "suite result") for f in args.merge}, args.threads)
+        with FolderLock(out, "suite"):
+            write_json(out / "suite.json", result)
+            (out / "suite.md").write_text(markdown(result))
+        print(markdown(result))
+        print(f"written: {out / 'suite.json'}, {out / 'suite.md'} (merged from {len(args.merge)} files)")
+        return 0
     with FolderLock(out, "suite"):
         bar = tqdm(desc="trials", unit="trial", dynamic_ncols=True)
         on_done = lambda trial, summary: bar.update(1)  # noqa: E731

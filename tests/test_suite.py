@@ -125,3 +125,40 @@ def test_every_stored_reference_is_one_that_todays_code_and_data_reproduce():
         ref.check(regime, threads=suite.THREADS)
         assert len(ref.seeds) >= 3 and ref.regime == regime.name, regime.name
         assert {f"constant:rate={r:g}" for r in suite.GRID} <= set(ref.runs), regime.name
+
+
+def test_parts_of_a_suite_merge_into_the_table_one_run_would_give(tmp_path, capsys):
+    """``--merge``: one suite run in parts (here two controllers, scored apart) gives the table of both at once;
+    a part scored against another reference sweep, or disagreeing with another part, is refused in one line."""
+    from runs.suite import cli
+
+    regime = REGIMES["tiny"]
+    ref = Reference.load(regime)
+    refs = {"tiny": ref}
+    runs = {spec: {s: {"test_loss": ref.runs[spec][s]["test_loss"] + 0.01} for s in ref.seeds}
+            for spec in ("constant:rate=0.1", "constant:rate=0.3")}
+    whole = suite.score(list(runs), [regime], refs, {"tiny": runs})
+    paths = []
+    for spec in runs:
+        paths.append(tmp_path / f"{spec}.json")
+        paths[-1].write_text(json.dumps(suite.score([spec], [regime], refs, {"tiny": {spec: runs[spec]}})))
+    assert cli(["--merge", *map(str, paths), "--out", str(tmp_path / "both")]) == 0
+    merged = json.loads((tmp_path / "both" / "suite.json").read_text())
+    assert merged["rows"] == json.loads(json.dumps(whole["rows"]))  # p-values Holm-adjusted over both controllers
+    assert merged["merged_from"] == list(map(str, paths)) and (tmp_path / "both" / "suite.md").is_file()
+
+    stale = json.loads(paths[0].read_text())
+    stale["per_regime"]["tiny"]["constants"]["constant:rate=0"] += 1e-6  # scored against a sweep since rebuilt
+    paths[0].write_text(json.dumps(stale))
+    clash = suite.score(["constant:rate=0.3"], [regime], refs,
+                        {"tiny": {"constant:rate=0.3": {s: {"test_loss": 9.0} for s in ref.seeds}}})
+    (tmp_path / "clash.json").write_text(json.dumps(clash))
+    capsys.readouterr()
+    for args, words in ((["--merge", str(paths[0])], "another reference sweep"),
+                        (["--merge", str(paths[1]), str(tmp_path / "clash.json")], "not parts of one suite"),
+                        (["--merge", str(paths[1]), "--controllers", "pid"], "--merge"),
+                        (["--merge", str(tmp_path / "nosuch.json")], "does not exist")):
+        assert cli([*args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "bad" / "suite.json").exists()
