@@ -5,6 +5,7 @@
 For each regime, the constant with the lowest mean val loss (over its seeds) is what a sweep would choose; its
 *gain* is rate 0's mean test loss minus that constant's. A family a policy can learn from needs a positive mean
 gain (dropout helps on average) and some regimes where 0 is best (so that "always the same rate" loses somewhere).
+A regime *overfits* when rate 0's val minimum comes before its last evaluation on every seed.
 """
 from __future__ import annotations
 
@@ -42,17 +43,23 @@ def main(argv: list[str] | None = None) -> int:
         val = {s: float(np.mean([x["best_val_loss_full"] for x in v])) for s, v in by.items()}
         test = {s: float(np.mean([x["test_loss"] for x in v])) for s, v in by.items()}
         best = min(val, key=val.get)
-        rows.append({"regime": regime, "settings": micro_regime(regime), "best_by_val": best,
-                     "gain": test[CURVE_CONSTANTS[0]] - test[best], "test_loss": test, "val_loss": val})
-        print(f"{regime}: best {best}, gain {rows[-1]['gain']:+.4f}", flush=True)
+        settings = micro_regime(regime)
+        each = [x["best_val_iter"] / settings["max_iters"] for x in by[CURVE_CONSTANTS[0]]]
+        at = float(np.mean(each))
+        rows.append({"regime": regime, "settings": settings, "best_by_val": best,
+                     "gain": test[CURVE_CONSTANTS[0]] - test[best], "rate0_min_at": at,
+                     "overfits": max(each) < 1, "test_loss": test,
+                     "val_loss": val})
+        print(f"{regime}: best {best}, gain {rows[-1]['gain']:+.4f}, rate 0's val minimum at {at:.0%} of the run",
+              flush=True)
     gains = [r["gain"] for r in rows]
     summary = {"command": "python -m envs.family_gain " + " ".join(sys.argv[1:] if argv is None else argv), "seconds": time.time() - start,
                "mean_gain": float(np.mean(gains)), "regimes_where_dropout_helps": sum(g > 0 for g in gains),
-               "regimes": rows}
+               "regimes_that_overfit": sum(r["overfits"] for r in rows), "regimes": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
-    print(f"mean gain {summary['mean_gain']:+.4f}; dropout chosen on {summary['regimes_where_dropout_helps']} of "
-          f"{len(rows)} regimes; {summary['seconds']:.0f} s")
+    print(f"mean gain {summary['mean_gain']:+.4f}; dropout paid on {summary['regimes_where_dropout_helps']} and rate 0 "
+          f"overfit on {summary['regimes_that_overfit']} of {len(rows)} regimes; {summary['seconds']:.0f} s")
     return 0
 
 

@@ -135,7 +135,7 @@ def score_controllers(specs: list[str], instances: list[int], seeds_per_instance
     """Train every controller spec on the run a ``DropoutEnv(**env_kwargs)`` gives each instance (a micro-regime's
     for the ``micro`` family), ``seeds_per_instance`` training seeds each (the instance, then + 100,000 per seed),
     as one batched population per instance. Returns ``{instance: {spec: [figures per seed]}}`` with ``test_loss``,
-    ``best_val_loss_full`` and ``best_val_loss``."""
+    ``best_val_loss_full``, ``best_val_loss`` and ``best_val_iter``."""
     from controllers import make_controller
     from gpt.population import PopulationTrainer
 
@@ -148,7 +148,7 @@ def score_controllers(specs: list[str], instances: list[int], seeds_per_instance
                                 [make_controller(s) for s, _ in members], data=env.data)
         figures = out.setdefault(instance, {spec: [] for spec in specs})
         for (spec, _), summary in zip(members, pop.train()):
-            keys = ("test_loss", "best_val_loss_full", "best_val_loss")
+            keys = ("test_loss", "best_val_loss_full", "best_val_loss", "best_val_iter")
             figures[spec].append({k: (summary or {}).get(k, float("nan")) for k in keys})
     return out
 
@@ -181,8 +181,8 @@ def score_constants(instances: list[int], seeds_per_instance: int, env_kwargs: d
                     cache_dir: Path | None = None) -> dict[int, dict[str, list[dict[str, float]]]]:
     """:func:`score_controllers` for :data:`CURVE_CONSTANTS`, kept in ``cache_dir`` (default: the user cache,
     ``curve-references/<digest>.json``) under :func:`constants_digest`: the constants do not depend on the policy,
-    and on the default curve (16 micro-regimes x 2 seeds) they cost 160 episodes, more than the demo budget's
-    policy points. Another setting, data, numerics version, torch or thread count is another file."""
+    and on the default curve (8 micro-regimes x 2 seeds) they cost 80 episodes, more than the demo budget's
+    curve points (48). Another setting, data, numerics version, torch or thread count is another file."""
     from dyndrop import read_json, write_json
     from gpt.data import default_cache_dir
 

@@ -55,7 +55,8 @@ class Args:
     reward: str = option("best_val", "best_val, val or final (see envs.DropoutEnv)")
     reward_scale: float = option(10.0, "multiplies every reward")
     # PPO
-    n_steps: int = option(10, "env steps per env per rollout (one PPO update each); 10 = one episode")
+    n_steps: int = option(10, "env steps per env per rollout (one PPO update each); 10 = half a micro episode of "
+                              "20 decisions (the value function bootstraps the rest)")
     batch_size: int = option(80, "minibatch size")
     n_epochs: int = option(10, "passes over each rollout")
     learning_rate: float = option(1e-3, "Adam learning rate (rl-baselines3-zoo's for Pendulum and CartPole at 1e5 steps)")
@@ -64,10 +65,10 @@ class Args:
     ent_coef: float = option(0.0, "entropy bonus")
     log_std_init: float = option(-0.5, "initial log std of the Gaussian policy (action units; -0.5 = std 0.6)")
     checkpoint_every: int = option(0, "save the policy every this many env steps; 0 = never")
-    curve_every: int = option(4, "a learning-curve point every this many updates (and before and after training); "
+    curve_every: int = option(8, "a learning-curve point every this many updates (and before and after training); "
                                  "0 = only before and after")
-    curve_regimes: int = option(16, "held-out instances of the learning curve: the episode's first held-out seeds "
-                                    "(micro-regimes for micro, envs.micro.EVAL_REGIMES)")
+    curve_regimes: int = option(8, "held-out instances of the learning curve: the episode's first held-out seeds "
+                                   "(micro-regimes for micro, envs.micro.EVAL_REGIMES)")
     curve_seeds: int = option(2, "training seeds per learning-curve micro-regime")
     # tracking
     wandb: str = option("offline", "online, offline or disabled")
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 BUDGETS = {"demo": 2_560, "full": 10_240}
-"""Env steps of each budget: 16 and 64 updates of 16 envs x 10 steps."""
+"""Env steps of each budget: 16 and 64 updates of 16 envs x 10 steps (128 and 512 micro episodes)."""
 
 
 def check_args(args: Args) -> None:
