@@ -302,9 +302,9 @@ def score(specs: list[str], regimes: list[Regime], references: dict[str, Referen
                       "written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
 
 
-def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS) -> dict[str, Any]:
+def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS, only: list[str] | None = None) -> dict[str, Any]:
     """Score the union of several ``suite.json`` results (``{name: result}``: one suite run piecewise, on other
-    machines or sessions) as one suite, against today's references.
+    machines or sessions) as one suite, against today's references; ``only`` keeps those controllers' rows.
 
     Each part's per-seed test losses are taken as stored. A part whose per-regime constants differ from today's
     reference (it was scored against a sweep since rebuilt), or a (regime, controller, seed) whose test loss differs
@@ -331,6 +331,12 @@ def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS) -> dict[str,
                     if have["test_loss"] != loss:
                         raise UserError(f"{spec} on {regime}, seed {seed}: test loss {have['test_loss']} in one part, "
                                         f"{loss} in {name}; these are not parts of one suite")
+    missing = [spec for spec in only or [] if spec not in specs]
+    if missing:
+        raise UserError(f"controller {missing[0]!r} is in none of the merged files (they hold {', '.join(specs)})")
+    specs = [spec for spec in specs if spec in (only or specs)]
+    runs = {r: {spec: v for spec, v in by.items() if spec in specs} for r, by in runs.items()}
+    runs = {r: by for r, by in runs.items() if by}
     regimes = [r for r in REGIMES.values() if r.name in runs]
     if not regimes:
         raise UserError("nothing to merge: the files hold no regime")

@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build-references", action="store_true",
                    help="run the constant-rate reference sweeps of --regimes and store them in experiments/references/")
     p.add_argument("--merge", nargs="+", default=None, metavar="SUITE_JSON",
-                   help="score the union of these suite.json files as one suite (their regimes and controllers) "
-                        "and write it to --out; trains nothing")
+                   help="score the union of these suite.json files as one suite (their regimes and controllers, "
+                        "or only --controllers) and write it to --out; trains nothing")
     return p.parse_args(argv)
 
 
@@ -72,8 +72,8 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[int] | None]:
         raise UserError(f"--regimes {args.regimes} selects no regime on this machine")
     seeds = parse_seeds(args.seeds)
     if args.merge:
-        if args.controllers or args.build_references:
-            raise UserError("--merge scores stored results; leave --controllers and --build-references out")
+        if args.build_references:
+            raise UserError("--merge scores stored results; leave --build-references out")
         return regimes, [], seeds
     if args.build_references:
         if args.controllers:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         from dyndrop import read_json, write_json
 
-        result = merge({f: read_json(Path(f), "suite result") for f in args.merge}, args.threads)
+        result = merge({f: read_json(Path(f), "suite result") for f in args.merge}, args.threads, args.controllers)
         with FolderLock(out, "suite"):
             write_json(out / "suite.json", result)
             (out / "suite.md").write_text(markdown(result))

@@ -146,6 +146,9 @@ def test_parts_of_a_suite_merge_into_the_table_one_run_would_give(tmp_path, caps
     merged = json.loads((tmp_path / "both" / "suite.json").read_text())
     assert merged["rows"] == json.loads(json.dumps(whole["rows"]))  # p-values Holm-adjusted over both controllers
     assert merged["merged_from"] == list(map(str, paths)) and (tmp_path / "both" / "suite.md").is_file()
+    assert cli(["--merge", *map(str, paths), "--controllers", "constant:rate=0.3", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "suite.json").read_text())  # only the rows asked for
+    assert list(one["rows"]) == ["constant:rate=0.3"] and one["rows"]["constant:rate=0.3"]["n"] == len(ref.seeds)
 
     stale = json.loads(paths[0].read_text())
     stale["per_regime"]["tiny"]["constants"]["constant:rate=0"] += 1e-6  # scored against a sweep since rebuilt
@@ -156,7 +159,8 @@ def test_parts_of_a_suite_merge_into_the_table_one_run_would_give(tmp_path, caps
     capsys.readouterr()
     for args, words in ((["--merge", str(paths[0])], "another reference sweep"),
                         (["--merge", str(paths[1]), str(tmp_path / "clash.json")], "not parts of one suite"),
-                        (["--merge", str(paths[1]), "--controllers", "pid"], "--merge"),
+                        (["--merge", str(paths[1]), "--controllers", "pid"], "in none of the merged files"),
+                        (["--merge", str(paths[1]), "--build-references"], "--merge"),
                         (["--merge", str(tmp_path / "nosuch.json")], "does not exist")):
         assert cli([*args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
