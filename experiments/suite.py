@@ -302,45 +302,51 @@ def score(specs: list[str], regimes: list[Regime], references: dict[str, Referen
                       "written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
 
 
-def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS, only: list[str] | None = None) -> dict[str, Any]:
+def merge(parts: dict[str, dict[str, Any]], threads: int = THREADS, only: list[str] | None = None,
+          regimes: list[str] | None = None) -> dict[str, Any]:
     """Score the union of several ``suite.json`` results (``{name: result}``: one suite run piecewise, on other
-    machines or sessions) as one suite, against today's references; ``only`` keeps those controllers' rows.
+    machines or sessions) as one suite, against today's references; ``only`` keeps those controllers' rows and
+    ``regimes`` those regimes (default: every one the parts hold).
 
     Each part's per-seed test losses are taken as stored. A part whose per-regime constants differ from today's
     reference (it was scored against a sweep since rebuilt), or a (regime, controller, seed) whose test loss differs
     between parts, is refused in one line: their union would not be one suite."""
-    runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
-    specs: list[str] = []
+    per_part = {}
     for name, part in parts.items():
         try:
-            per_regime = {r: (g["constants"], g["controllers"]) for r, g in part["per_regime"].items()}
+            per_part[name] = {r: (g["constants"], g["controllers"]) for r, g in part["per_regime"].items()}
         except (KeyError, TypeError, AttributeError):
             raise UserError(f"{name} is not a suite.json (no per-regime results)") from None
+    held = {r for per_regime in per_part.values() for r in per_regime}
+    unknown = sorted(held - set(REGIMES))
+    if unknown:
+        raise UserError(f"regime {unknown[0]!r} of the merged files is not in this suite ({', '.join(REGIMES)})")
+    chosen = [r for r in REGIMES.values() if r.name in held and (regimes is None or r.name in regimes)]
+    if not chosen:
+        raise UserError("nothing to merge: the files hold none of the regimes asked for")
+    references = checked_references(chosen, None, threads)
+    runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {r.name: {} for r in chosen}
+    specs: list[str] = []
+    for name, per_regime in per_part.items():
         for regime, (constants, controllers) in per_regime.items():
-            if regime not in REGIMES:
-                raise UserError(f"{name}: regime {regime!r} is not in this suite ({', '.join(REGIMES)})")
-            ref = Reference.load(REGIMES[regime])
-            ref.check(REGIMES[regime], threads)
-            if constants != {s: mean_of(r, "test_loss") for s, r in ref.runs.items()}:
+            if regime not in runs:
+                continue
+            if constants != {s: mean_of(r, "test_loss") for s, r in references[regime].runs.items()}:
                 raise UserError(f"{name} was scored against another reference sweep of {regime} than today's; "
                                 "rerun its controllers with runs.suite instead of merging it")
             for spec, figures in controllers.items():
+                if only is not None and spec not in only:
+                    continue
                 specs += [] if spec in specs else [spec]
                 for seed, loss in figures["test_loss"].items():
-                    have = runs.setdefault(regime, {}).setdefault(spec, {}).setdefault(int(seed), {"test_loss": loss})
+                    have = runs[regime].setdefault(spec, {}).setdefault(int(seed), {"test_loss": loss})
                     if have["test_loss"] != loss:
                         raise UserError(f"{spec} on {regime}, seed {seed}: test loss {have['test_loss']} in one part, "
                                         f"{loss} in {name}; these are not parts of one suite")
     missing = [spec for spec in only or [] if spec not in specs]
     if missing:
-        raise UserError(f"controller {missing[0]!r} is in none of the merged files (they hold {', '.join(specs)})")
-    specs = [spec for spec in specs if spec in (only or specs)]
-    runs = {r: {spec: v for spec, v in by.items() if spec in specs} for r, by in runs.items()}
-    runs = {r: by for r, by in runs.items() if by}
-    regimes = [r for r in REGIMES.values() if r.name in runs]
-    if not regimes:
-        raise UserError("nothing to merge: the files hold no regime")
-    result = score(specs, regimes, {r.name: Reference.load(r) for r in regimes}, runs)
+        raise UserError(f"controller {missing[0]!r} is in none of the merged files' chosen regimes")
+    result = score(specs, chosen, references, runs)
     return {**result, "merged_from": list(parts)}
 
 

@@ -27,8 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="python -m runs.suite", description=__doc__.split("\n")[0])
     p.add_argument("--controllers", nargs="+", default=None,
                    help="controller specs, as in runs.compare (sweeps, the pbt row); --policy is ppo:policy=P")
-    p.add_argument("--regimes", default="test", help="tune, test (the held-out regimes), all, or regime names "
-                                                     "separated by commas")
+    p.add_argument("--regimes", default=None, help="tune, test (the held-out regimes), all, or regime names "
+                                                   "separated by commas; default test (with --merge: every "
+                                                   "regime the files hold)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds; default the reference sweeps' (1337,1338,1339)")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once, each in a worker process")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (the references use 1: "
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the constant-rate reference sweeps of --regimes and store them in experiments/references/")
     p.add_argument("--merge", nargs="+", default=None, metavar="SUITE_JSON",
                    help="score the union of these suite.json files as one suite (their regimes and controllers, "
-                        "or only --controllers) and write it to --out; trains nothing")
+                        "or only --regimes and --controllers) and write it to --out; trains nothing")
     return p.parse_args(argv)
 
 
@@ -67,13 +68,14 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[int] | None]:
             raise UserError(f"--{name} {getattr(args, name)} is invalid: it must be at least 1")
     if args.wandb not in ("online", "offline", "disabled", "auto"):
         raise UserError(f"--wandb {args.wandb} is invalid: it must be one of online, offline, disabled, auto")
-    regimes = select_regimes(args.regimes)
+    regimes = select_regimes(args.regimes or "test")
     if not regimes:
-        raise UserError(f"--regimes {args.regimes} selects no regime on this machine")
+        raise UserError(f"--regimes {args.regimes or 'test'} selects no regime on this machine")
     seeds = parse_seeds(args.seeds)
     if args.merge:
-        if args.build_references:
-            raise UserError("--merge scores stored results; leave --build-references out")
+        if args.build_references or seeds:
+            raise UserError("--merge scores stored results (every seed they hold); leave --build-references and "
+                            "--seeds out")
         return regimes, [], seeds
     if args.build_references:
         if args.controllers:
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         from dyndrop import read_json, write_json
 
-        result = merge({f: read_json(Path(f), "suite result") for f in args.merge}, args.threads, args.controllers)
+        result = merge({f: read_json(Path(f), "suite result") for f in args.merge}, args.threads, args.controllers,
+                       [r.name for r in regimes] if args.regimes else None)
         with FolderLock(out, "suite"):
             write_json(out / "suite.json", result)
             (out / "suite.md").write_text(markdown(result))

@@ -149,6 +149,8 @@ def test_parts_of_a_suite_merge_into_the_table_one_run_would_give(tmp_path, caps
     assert cli(["--merge", *map(str, paths), "--controllers", "constant:rate=0.3", "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "suite.json").read_text())  # only the rows asked for
     assert list(one["rows"]) == ["constant:rate=0.3"] and one["rows"]["constant:rate=0.3"]["n"] == len(ref.seeds)
+    assert cli(["--merge", *map(str, paths), "--regimes", "tiny", "--out", str(tmp_path / "tiny")]) == 0
+    assert json.loads((tmp_path / "tiny" / "suite.json").read_text())["rows"] == merged["rows"]
 
     stale = json.loads(paths[0].read_text())
     stale["per_regime"]["tiny"]["constants"]["constant:rate=0"] += 1e-6  # scored against a sweep since rebuilt
@@ -161,6 +163,8 @@ def test_parts_of_a_suite_merge_into_the_table_one_run_would_give(tmp_path, caps
                         (["--merge", str(paths[1]), str(tmp_path / "clash.json")], "not parts of one suite"),
                         (["--merge", str(paths[1]), "--controllers", "pid"], "in none of the merged files"),
                         (["--merge", str(paths[1]), "--build-references"], "--merge"),
+                        (["--merge", str(paths[1]), "--seeds", "1337"], "--merge"),
+                        (["--merge", str(paths[1]), "--regimes", "late"], "none of the regimes asked for"),
                         (["--merge", str(tmp_path / "nosuch.json")], "does not exist")):
         assert cli([*args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
